@@ -1,0 +1,1 @@
+"""Data layer: sources, validation, preprocessing, Parquet shards and streaming."""
