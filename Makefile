@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both (re)build .venv when
+# pyproject.toml or constraints.txt changed, installing the exact versions in constraints.txt.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Quiet, deterministic Ray for local runs and CI (see ../shared/RAY_NOTES.md).
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_AUTH_MODE ?= disabled
+export RAY_TRAIN_ENABLE_PRINT_PATCH ?= 0
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: left to the resolver it would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/jointray prepare --config configs/synthetic.yaml
+
+test: $(STAMP)
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/prepare.py
+
+clean:
+	rm -rf $(VENV) runs benchmarks/results

@@ -1,0 +1,79 @@
+"""The ``jointray`` command line: one typed config, dotted overrides, rich output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from jointray.config import Config, ConfigError, load_config
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+console = Console()
+
+#: How many quarantined inputs the terminal shows; the JSON report always has all of them.
+SHOWN_QUARANTINE_ROWS = 20
+
+
+def _config(path: Path | None, overrides: list[str] | None) -> Config:
+    try:
+        return load_config(path, overrides or [])
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _print_prepare_report(report) -> None:
+    summary = Table(title="jointray prepare", show_header=False)
+    summary.add_row("inputs", str(report.inputs))
+    summary.add_row("prepared", f"[green]{report.prepared}[/green]")
+    summary.add_row("quarantined", f"[yellow]{len(report.quarantined)}[/yellow]")
+    summary.add_row("warnings", str(len(report.warnings)))
+    summary.add_row("output", report.output)
+    summary.add_row("spec digest", report.spec_digest)
+    summary.add_row("time", f"{report.elapsed_s:.1f} s")
+    console.print(summary)
+    if report.quarantined:
+        table = Table(title="quarantined")
+        for column in ("subject", "stage", "path", "reason"):
+            table.add_column(column, overflow="fold")
+        for q in report.quarantined[:SHOWN_QUARANTINE_ROWS]:
+            table.add_row(q.subject_id or "", q.stage, q.path, q.reason)
+        console.print(table)
+        hidden = len(report.quarantined) - SHOWN_QUARANTINE_ROWS
+        if hidden > 0:
+            console.print(f"... and {hidden} more in {report.output}/report.json")
+    for warning in report.warnings[:SHOWN_QUARANTINE_ROWS]:
+        console.print(f"[yellow]warning[/yellow] {warning['subject_id']}: {warning['message']}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def prepare(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config file"),
+    overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. data.root=../data"),
+    strict: bool = typer.Option(False, help="exit non-zero if any input is quarantined"),
+) -> None:
+    """Validate and preprocess a dataset into Parquet shards, a PreprocessSpec and a quarantine report."""
+    from jointray.data.prepare import prepare_dataset
+    from jointray.runtime import init_ray
+
+    cfg = _config(config, overrides)
+    init_ray(cfg.ray)
+    try:
+        report = prepare_dataset(cfg)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    _print_prepare_report(report)
+    if report.prepared == 0:
+        console.print("[red]error:[/red] nothing usable remains; see the report")
+        raise typer.Exit(1)
+    if strict and report.quarantined:
+        console.print(f"[red]error:[/red] --strict and {len(report.quarantined)} input(s) quarantined")
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,256 @@
+"""The typed configuration: one pydantic model, loaded from YAML once, overridden from the command line.
+
+The same :class:`Config` object flows CLI → job → trainer → tuner → server; the prepared shards and
+(later) every checkpoint carry its ``preprocess`` section, so inference reproduces training exactly.
+
+Overrides use dotted keys with YAML values: ``train.epochs=5``, ``data.root=../data``,
+``preprocess.target_shape=[48,64,48]``. Unknown keys and bad values fail with a :class:`ConfigError`
+that names the key, the value given and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which key and what is expected."""
+
+
+class _Section(BaseModel):
+    # Typos must fail loudly: a misspelt key silently falling back to a default is a wasted GPU-day.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(_Section):
+    """The built-in synthetic cohort (see :mod:`jointray.data.synthetic`)."""
+
+    n_subjects: int = Field(64, ge=2)
+    seed: int = 0
+    shape: tuple[int, int, int] = (40, 48, 40)
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.2)
+
+
+class DataConfig(_Section):
+    """Where the cases come from and where the prepared shards go."""
+
+    format: Literal["msd", "manifest", "dicom", "synthetic"] = "msd"
+    root: Path = Field(
+        Path("data"),
+        description="MSD folder, manifest CSV/Parquet file, DICOM folder/zip, or the folder the "
+        "synthetic cohort is written to",
+    )
+    clinical: Path | None = Field(None, description="clinical table (CSV/Parquet) joined by subject_id")
+    output: Path = Field(Path("runs/prepared"), description="folder for shards, spec and report")
+    label_names: dict[int, str] = Field(
+        default_factory=lambda: {0: "background", 1: "anterior", 2: "posterior"},
+        description="the declared label set; other values in a label file are an error",
+    )
+    max_voxels: int = Field(
+        64 * 1024**2, gt=0, description="files whose header claims more voxels are refused unread"
+    )
+    image_columns: list[str] = Field(
+        default_factory=lambda: ["image"],
+        description="manifest columns holding image paths, one per modality/view (channel order)",
+    )
+    rows_per_shard: int = Field(64, gt=0)
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("label_names")
+    @classmethod
+    def _background_first(cls, v: dict[int, str]) -> dict[int, str]:
+        if 0 not in v:
+            raise ValueError("label 0 (background) must be declared")
+        return dict(sorted(v.items()))
+
+
+class IntensityConfig(_Section):
+    """Intensity normalisation, per image and channel."""
+
+    mode: Literal["zscore", "percentile"] = "zscore"
+    foreground_only: bool = Field(
+        True, description="zscore: statistics over voxels above the image minimum only"
+    )
+    percentiles: tuple[float, float] = (0.5, 99.5)
+
+    @field_validator("percentiles")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] < v[1] <= 100.0:
+            raise ValueError("need 0 <= low < high <= 100")
+        return v
+
+
+class PreprocessSpec(_Section):
+    """Every parameter of preprocessing, versioned and hashed.
+
+    Written beside the shards as ``spec.json`` and carried by checkpoints, so that serving applies
+    exactly what training saw. Bump ``version`` whenever the meaning of a parameter changes.
+    """
+
+    version: int = 1
+    orientation: Literal["RAS"] = "RAS"
+    target_spacing: tuple[float, float, float] | None = Field(
+        (1.0, 1.0, 1.0), description="mm; null keeps each case's own spacing"
+    )
+    target_shape: tuple[int, int, int] = (48, 64, 48)
+    crop_center: Literal["label", "image"] = Field(
+        "label",
+        description="where a crop window is centred on an axis longer than target_shape: the label's "
+        "bounding box when the case has a label, else the image centre",
+    )
+    intensity: IntensityConfig = IntensityConfig()
+    pad_value: float = 0.0
+    channels: int = Field(1, ge=1, description="image modalities/views per case")
+
+    @field_validator("target_shape")
+    @classmethod
+    def _positive_shape(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if min(v) < 1:
+            raise ValueError("every dimension must be >= 1")
+        return v
+
+    @field_validator("target_spacing")
+    @classmethod
+    def _positive_spacing(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if v is not None and min(v) <= 0:
+            raise ValueError("every spacing must be > 0")
+        return v
+
+    def digest(self) -> str:
+        """A stable hash of every parameter (hex, 16 chars)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class AugmentConfig(_Section):
+    """Training-time augmentation (MONAI random transforms), applied to training data only."""
+
+    enabled: bool = True
+    flip_axes: list[int] = Field(
+        default_factory=lambda: [0],
+        description="RAS axes to mirror; 0 = left-right. Mirroring anterior-posterior would swap "
+        "the meaning of anterior/posterior labels, so it is off by default",
+    )
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    affine_prob: float = Field(0.3, ge=0, le=1)
+    rotate_deg: float = Field(10.0, ge=0)
+    scale: float = Field(0.1, ge=0, lt=1)
+    intensity_prob: float = Field(0.3, ge=0, le=1)
+    noise_std: float = Field(0.05, ge=0)
+
+
+class ModelConfig(_Section):
+    variant: Literal["v2", "dv", "dv1", "seg_only", "outcome_only"] = "v2"
+    base_channels: int = Field(16, ge=4)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    heads: list[Literal["mmse", "cdr", "risk"]] = Field(default_factory=lambda: ["mmse", "cdr", "risk"])
+
+
+class TrainConfig(_Section):
+    name: str = "jointray"
+    seed: int = 0
+    n_folds: int = Field(5, ge=2)
+    fold: int = Field(0, ge=0)
+    batch_size: int = Field(4, ge=1)
+    epochs: int = Field(50, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    workers: int = Field(1, ge=1)
+    augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> TrainConfig:
+        if self.fold >= self.n_folds:
+            raise ValueError(f"fold={self.fold} must be < n_folds={self.n_folds}")
+        return self
+
+
+class TuneConfig(_Section):
+    num_samples: int = Field(8, ge=1)
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    mc_samples: int = Field(20, ge=1)
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="None starts a local instance unless RAY_ADDRESS is set")
+    num_cpus: int | None = Field(None, ge=1, description="for a local instance only")
+
+
+class Config(_Section):
+    """The whole configuration of a jointray run."""
+
+    data: DataConfig = DataConfig()
+    preprocess: PreprocessSpec = PreprocessSpec()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
+    serve: ServeConfig = ServeConfig()
+    ray: RayConfig = RayConfig()
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+    return key.strip(), value
+
+
+def _describe(errors: ValidationError) -> str:
+    lines = []
+    for err in errors.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key (value {err['input']!r})")
+        else:
+            lines.append(f"{key}: got {err['input']!r}; expected {err['msg'].removeprefix('Value error, ')}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML file (or the defaults when ``path`` is None) and apply dotted overrides.
+
+    Relative paths in the ``data`` section stay relative to the working directory, the way a user
+    types them on the command line.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    for text in overrides:
+        _set_dotted(tree, *_parse_override(text))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None

@@ -1,0 +1,245 @@
+"""Sources: find the cases of a dataset without reading any image.
+
+Each source returns a :class:`Scan`: the case records it found and the inputs it refused (files that
+cannot be paired, duplicate subject IDs, impossible target values). Reading and checking the images
+happens later, in parallel, in :mod:`jointray.data.validate`.
+
+Supported:
+- an MSD folder (``dataset.json`` + ``imagesTr/`` + ``labelsTr/``; files the JSON does not pair are reported);
+- a manifest table (CSV or Parquet) with ``subject_id``, one or more image columns, optional ``label``,
+  clinical columns, targets ``mmse``/``cdr``/``time``/``event`` and optional ``split``/``fold``;
+- a DICOM folder: one case per sub-folder or zip (or the folder itself when it holds the slices);
+- the built-in synthetic cohort, generated as NIfTI + manifest and then read as a manifest.
+A clinical table joined by ``subject_id`` can be added to any of them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from jointray.config import ConfigError, DataConfig
+from jointray.data.records import TARGETS, CaseRecord, Quarantined, clean_value
+from jointray.data.synthetic import cohort_matches, generate_cohort
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_MANIFEST_RESERVED = {"subject_id", "label", "split", "fold", *TARGETS}
+#: Allowed target values; anything else is a data-entry error worth a person's look.
+_CDR_STAGES = {0.0, 0.5, 1.0, 2.0, 3.0}
+
+
+@dataclass
+class Scan:
+    records: list[CaseRecord] = field(default_factory=list)
+    rejected: list[Quarantined] = field(default_factory=list)
+    clinical_columns: list[str] = field(default_factory=list)
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith(_NIFTI_SUFFIXES) and not path.name.startswith(".")
+
+
+def _case_id(path: Path) -> str:
+    name = path.name
+    for suffix in _NIFTI_SUFFIXES[::-1]:
+        name = name.removesuffix(suffix)
+    return name
+
+
+def scan_msd(root: Path, label_names: dict[int, str]) -> Scan:
+    """Cases listed in ``dataset.json`` 'training', plus a report of every unpaired file in the folders."""
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        raise ConfigError(f"{root} is not an MSD folder: {meta_path.name} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{meta_path}: not valid JSON ({exc})") from None
+    declared = {int(k) for k in meta.get("labels", {})}
+    if declared and declared != set(label_names):
+        raise ConfigError(
+            f"{meta_path} declares labels {sorted(declared)} but data.label_names has "
+            f"{sorted(label_names)}; set data.label_names to match"
+        )
+    scan = Scan()
+    paired: set[Path] = set()
+    for entry in meta.get("training", []):
+        image = (root / entry["image"]).resolve()
+        label = (root / entry["label"]).resolve()
+        paired |= {image, label}
+        scan.records.append(CaseRecord(subject_id=_case_id(image), images=[str(image)], label=str(label)))
+    for folder, other in (("imagesTr", "label"), ("labelsTr", "image")):
+        for path in sorted((root / folder).glob("*")):
+            if _is_nifti(path) and path.resolve() not in paired:
+                scan.rejected.append(
+                    Quarantined(_case_id(path), str(path), f"unpaired: has no {other} in dataset.json", "scan")
+                )
+    return scan
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise ConfigError(f"table {path} does not exist")
+    if path.suffix.lower() == ".parquet":
+        table = pd.read_parquet(path)
+    elif path.suffix.lower() in (".csv", ".tsv"):
+        table = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype={"subject_id": str})
+    else:
+        raise ConfigError(f"table {path}: expected .csv, .tsv or .parquet")
+    if "subject_id" not in table.columns:
+        raise ConfigError(f"table {path} has no subject_id column (columns: {list(table.columns)})")
+    table["subject_id"] = table["subject_id"].map(lambda v: None if clean_value(v) is None else str(v).strip())
+    return table
+
+
+def _target_problem(name: str, value: float) -> str | None:
+    if name == "mmse" and not 0 <= value <= 30:
+        return f"mmse={value:g} is outside 0..30"
+    if name == "cdr" and value not in _CDR_STAGES:
+        return f"cdr={value:g} is not a CDR stage {sorted(_CDR_STAGES)}"
+    if name == "time" and value < 0:
+        return f"time={value:g} is negative"
+    if name == "event" and value not in (0.0, 1.0):
+        return f"event={value:g} is not 0 or 1"
+    return None
+
+
+def _row_targets(row: dict[str, Any]) -> tuple[dict[str, float | None], str | None]:
+    targets: dict[str, float | None] = {}
+    for name in TARGETS:
+        raw = clean_value(row.get(name))
+        if raw is None:
+            targets[name] = None
+            continue
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            return targets, f"{name}={raw!r} is not a number"
+        problem = _target_problem(name, value)
+        if problem:
+            return targets, problem
+        targets[name] = value
+    return targets, None
+
+
+def scan_manifest(path: Path, image_columns: list[str]) -> Scan:
+    """One case per row; paths are relative to the manifest's folder."""
+    table = _read_table(path)
+    missing = [c for c in image_columns if c not in table.columns]
+    if missing:
+        raise ConfigError(
+            f"manifest {path} lacks image column(s) {missing} (data.image_columns); it has {list(table.columns)}"
+        )
+    base = path.parent
+    clinical_cols = [c for c in table.columns if c not in _MANIFEST_RESERVED and c not in image_columns]
+    scan = Scan(clinical_columns=clinical_cols)
+    for index, row in enumerate(table.to_dict("records")):
+        where = f"{path} row {index + 2}"  # +2: header line and 1-based rows, as a spreadsheet shows them
+        subject = row["subject_id"]
+        if subject is None:
+            scan.rejected.append(Quarantined(None, where, "subject_id is empty", "scan"))
+            continue
+        images = [clean_value(row[c]) for c in image_columns]
+        if any(p is None for p in images):
+            empty = [c for c, p in zip(image_columns, images) if p is None]
+            scan.rejected.append(Quarantined(subject, where, f"image path is empty in column(s) {empty}", "scan"))
+            continue
+        targets, problem = _row_targets(row)
+        if problem:
+            scan.rejected.append(Quarantined(subject, where, problem, "scan"))
+            continue
+        label = clean_value(row.get("label"))
+        fold = clean_value(row.get("fold"))
+        split = clean_value(row.get("split"))
+        scan.records.append(
+            CaseRecord(
+                subject_id=subject,
+                images=[str((base / str(p)).resolve()) for p in images],
+                label=None if label is None else str((base / str(label)).resolve()),
+                clinical={c: clean_value(row[c]) for c in clinical_cols},
+                targets=targets,
+                split=None if split is None else str(split),
+                fold=None if fold is None else int(fold),
+            )
+        )
+    return scan
+
+
+def scan_dicom(root: Path) -> Scan:
+    """One case per DICOM series: sub-folders and zips of ``root``, or ``root`` itself."""
+    if not root.exists():
+        raise ConfigError(f"DICOM input {root} does not exist")
+    if root.is_file() or any(p.is_file() and p.suffix.lower() == ".dcm" for p in root.iterdir()):
+        series = [root]
+    else:
+        series = sorted(p for p in root.iterdir() if p.is_dir() or p.suffix.lower() == ".zip")
+    records = [CaseRecord(subject_id=p.stem if p.is_file() else p.name, images=[str(p.resolve())]) for p in series]
+    return Scan(records=records)
+
+
+def _join_clinical(scan: Scan, path: Path) -> None:
+    """Left-join a clinical table onto the records: missing subjects and values are normal."""
+    table = _read_table(path)
+    counts = Counter(table["subject_id"])
+    targets_in_table = [t for t in TARGETS if t in table.columns]
+    extra = [c for c in table.columns if c not in _MANIFEST_RESERVED]
+    rows = {r["subject_id"]: r for r in table.to_dict("records")}
+    kept = []
+    for record in scan.records:
+        if counts.get(record.subject_id, 0) > 1:
+            scan.rejected.append(
+                Quarantined(record.subject_id, str(path),
+                            f"clinical table has {counts[record.subject_id]} rows for this subject", "scan")
+            )
+            continue
+        row = rows.get(record.subject_id, {})
+        record.clinical.update({c: clean_value(row.get(c)) for c in extra})
+        if targets_in_table and row:
+            targets, problem = _row_targets(row)
+            if problem:
+                scan.rejected.append(Quarantined(record.subject_id, str(path), problem, "scan"))
+                continue
+            record.targets.update({k: v for k, v in targets.items() if v is not None})
+        kept.append(record)
+    scan.records = kept
+    scan.clinical_columns += [c for c in extra if c not in scan.clinical_columns]
+    # Every record carries every clinical column, so shards have one schema.
+    for record in scan.records:
+        for column in scan.clinical_columns:
+            record.clinical.setdefault(column, None)
+
+
+def _reject_duplicates(scan: Scan) -> None:
+    counts = Counter(r.subject_id for r in scan.records)
+    for record in scan.records:
+        if counts[record.subject_id] > 1:
+            scan.rejected.append(
+                Quarantined(record.subject_id, record.images[0],
+                            f"duplicate subject_id {record.subject_id!r} ({counts[record.subject_id]} cases)", "scan")
+            )
+    scan.records = [r for r in scan.records if counts[r.subject_id] == 1]
+
+
+def scan_source(cfg: DataConfig) -> Scan:
+    """Find the cases that ``cfg`` points at (generating the synthetic cohort first if asked to)."""
+    root = Path(cfg.root)
+    if cfg.format == "msd":
+        scan = scan_msd(root, cfg.label_names)
+    elif cfg.format == "manifest":
+        scan = scan_manifest(root, cfg.image_columns)
+    elif cfg.format == "dicom":
+        scan = scan_dicom(root)
+    else:
+        s = cfg.synthetic
+        if not cohort_matches(root, s.n_subjects, s.seed, s.shape, s.spacing):
+            generate_cohort(root, s.n_subjects, s.seed, s.shape, s.spacing)
+        scan = scan_manifest(root / "manifest.csv", ["image"])
+    if cfg.clinical is not None:
+        _join_clinical(scan, Path(cfg.clinical))
+    _reject_duplicates(scan)
+    return scan

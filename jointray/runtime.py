@@ -1,0 +1,23 @@
+"""Connecting to Ray: one place that decides between a local instance and an existing cluster."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from jointray.config import RayConfig
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Connect to ``cfg.address`` or ``$RAY_ADDRESS`` (set by ``ray job submit``), else start a local instance.
+
+    A no-op when Ray is already initialised (tests start it once per session).
+    """
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False)

@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+
+from jointray.config import Config, ConfigError, PreprocessSpec, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["synthetic.yaml", "msd_hippocampus.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert isinstance(cfg, Config)
+    assert cfg.data.label_names == {0: "background", 1: "anterior", 2: "posterior"}
+
+
+def test_dotted_overrides_parse_yaml_values():
+    cfg = load_config(REPO / "configs" / "synthetic.yaml",
+                      ["train.epochs=5", "data.root=/tmp/x", "preprocess.target_shape=[32,32,32]",
+                       "preprocess.intensity.mode=percentile", "ray.address=null"])
+    assert cfg.train.epochs == 5
+    assert cfg.data.root == Path("/tmp/x")
+    assert cfg.preprocess.target_shape == (32, 32, 32)
+    assert cfg.preprocess.intensity.mode == "percentile"
+    assert cfg.ray.address is None
+
+
+def test_unknown_key_names_the_key_and_value():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.epoch=5"])
+    assert "train.epoch: unknown key (value 5)" in str(err.value)
+
+
+def test_bad_value_names_key_value_and_expectation():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.batch_size=zero"])
+    message = str(err.value)
+    assert "train.batch_size: got 'zero'" in message and "integer" in message
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["preprocess.intensity.mode=minmax"])
+    assert "preprocess.intensity.mode: got 'minmax'" in str(err.value) and "'zscore' or 'percentile'" in str(err.value)
+    with pytest.raises(ConfigError, match="fold=5 must be < n_folds=5"):
+        load_config(None, ["train.fold=5"])
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["train.epochs"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/config.yaml")
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(None, ["train.epochs=3", "train.epochs.x=1"])
+
+
+def test_spec_digest_tracks_every_parameter():
+    spec = PreprocessSpec()
+    assert spec.digest() == PreprocessSpec().digest()
+    assert spec.digest() != PreprocessSpec(target_shape=(48, 64, 40)).digest()
+    assert spec.digest() != PreprocessSpec(intensity={"mode": "percentile"}).digest()
