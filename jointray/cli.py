@@ -10,11 +10,16 @@ from rich.table import Table
 
 from jointray.config import Config, ConfigError, load_config
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(no_args_is_help=True, add_completion=False)
 console = Console()
 
 #: How many quarantined inputs the terminal shows; the JSON report always has all of them.
 SHOWN_QUARANTINE_ROWS = 20
+
+
+@app.callback()
+def _root() -> None:
+    """jointray: joint segmentation and clinical outcome learning for 3D medical imaging on Ray."""
 
 
 def _config(path: Path | None, overrides: list[str] | None) -> Config:
@@ -77,3 +82,7 @@ def prepare(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
