@@ -3,7 +3,9 @@
 Every input ends up either prepared or quarantined with its path and reason — never dropped — so
 ``inputs == prepared + quarantined`` always holds. One bad volume never stops the others: the
 per-case function turns an :class:`InputError` (or an unexpected failure while preprocessing)
-into a quarantine row, and only good rows reach the shards.
+into a quarantine record, and only good rows reach the shards. The run is a single streaming pass
+(read → prepare → write), so memory stays bounded whatever the number of cases; ``data.output``
+must be a path every Ray node can write (a shared filesystem on a cluster).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray.data
 
 from jointray.config import Config, PreprocessSpec
@@ -37,9 +39,16 @@ from jointray.data.shards import (
 from jointray.data.sources import scan_source
 from jointray.data.validate import load_case
 
-#: Cases per Ray Data block: small enough to spread 200 cases over many tasks, big enough to
-#: amortise task overhead (one case takes tens of milliseconds).
-CASES_PER_BLOCK = 4
+#: At most this many cases per Ray Data block (about 0.75 MB each once prepared): bounds a task's memory.
+MAX_CASES_PER_BLOCK = 32
+#: Blocks per CPU: enough to balance uneven cases across workers, few enough to amortise the
+#: per-task overhead (a case takes only ~10 ms).
+BLOCKS_PER_CPU = 4
+
+
+def _cases_per_block(n_cases: int) -> int:
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return int(np.clip(-(-n_cases // (BLOCKS_PER_CPU * cpus)), 1, MAX_CASES_PER_BLOCK))
 
 
 @dataclass
@@ -73,23 +82,44 @@ def prepare_one(record: CaseRecord, spec: PreprocessSpec, label_values: set[int]
 
 
 def _prepare_batch(batch: dict[str, np.ndarray], spec_json: str, label_values: list[int], max_voxels: int,
-                   kinds: dict[str, str]) -> pa.Table:
+                   kinds: dict[str, str], notes_dir: str) -> pa.Table:
+    """Prepare the cases of one block: good rows go on to the Parquet writer; quarantine records and
+    crop warnings go to a small JSON-lines file in ``notes_dir`` (on the output's filesystem), so the
+    whole run is one streaming pass that never holds the dataset in memory."""
     spec = PreprocessSpec.model_validate_json(spec_json)
-    rows = []
+    rows, notes = [], []
     for text in batch["record"]:
         record = CaseRecord.from_json(text)
         result = prepare_one(record, spec, set(label_values), max_voxels, kinds)
         if isinstance(result, Quarantined):
-            row = case_row(record, empty_prepared(spec), kinds)
-            row |= {"q_path": result.path, "q_reason": result.reason, "q_stage": result.stage}
-        else:
-            row = result | {"q_path": "", "q_reason": "", "q_stage": ""}
-        rows.append(row)
-    return rows_to_table(rows)
+            notes.append({"kind": "quarantined", **asdict(result)})
+            continue
+        rows.append(result)
+        if result["label_voxels_cropped"]:
+            notes.append({"kind": "warning", "subject_id": record.subject_id,
+                          "message": f"{result['label_voxels_cropped']} label voxels fell outside the "
+                          f"{tuple(spec.target_shape)} crop (enlarge preprocess.target_shape)"})
+    if notes:
+        Path(notes_dir, f"{uuid.uuid4().hex}.jsonl").write_text("".join(json.dumps(n) + "\n" for n in notes))
+    if rows:
+        return rows_to_table(rows)
+    # An all-quarantined block still yields the shard schema, so every block has the same one.
+    return rows_to_table([case_row(CaseRecord.from_json(batch["record"][0]), empty_prepared(spec), kinds)]).slice(0, 0)
 
 
-def _keep_prepared(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.equal(batch["q_reason"], ""))
+def _read_notes(notes_dir: Path) -> tuple[list[Quarantined], list[dict[str, Any]]]:
+    quarantined, warnings, seen = [], [], set()
+    for path in sorted(notes_dir.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line in seen:  # a retried task writes its notes again
+                continue
+            seen.add(line)
+            note = json.loads(line)
+            if note.pop("kind") == "quarantined":
+                quarantined.append(Quarantined(**note))
+            else:
+                warnings.append(note)
+    return quarantined, warnings
 
 
 def prepare_dataset(cfg: Config) -> PrepareReport:
@@ -100,16 +130,16 @@ def prepare_dataset(cfg: Config) -> PrepareReport:
     kinds = clinical_kinds(scan.records, scan.clinical_columns)
     output = Path(cfg.data.output)
     output.mkdir(parents=True, exist_ok=True)
-    quarantined = list(scan.rejected)
-    warnings: list[dict[str, Any]] = []
-    prepared = 0
     # Shards are written to a fresh folder and swapped in at the end, so a crash never leaves a
     # mix of old and new shards behind.
     staging = output / f".{SHARDS_DIR}-{uuid.uuid4().hex[:8]}"
+    notes_dir = output / f".notes-{uuid.uuid4().hex[:8]}"
+    notes_dir.mkdir()
+    prepared = 0
     if scan.records:
         items = [{"record": r.to_json()} for r in scan.records]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // CASES_PER_BLOCK)))
-        ds = ds.map_batches(
+        ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // _cases_per_block(len(items))))
+        ds.map_batches(
             _prepare_batch,
             batch_size=None,
             fn_kwargs={
@@ -117,30 +147,20 @@ def prepare_dataset(cfg: Config) -> PrepareReport:
                 "label_values": sorted(cfg.data.label_names),
                 "max_voxels": cfg.data.max_voxels,
                 "kinds": kinds,
+                "notes_dir": str(notes_dir.resolve()),
             },
-        ).materialize()
-        # One pass over the small columns tells what was quarantined and what was cropped.
-        for row in ds.select_columns(["subject_id", "q_path", "q_reason", "q_stage", "label_voxels_cropped"]).take_all():
-            if row["q_reason"]:
-                quarantined.append(Quarantined(row["subject_id"], row["q_path"], row["q_reason"], row["q_stage"]))
-                continue
-            prepared += 1
-            if row["label_voxels_cropped"]:
-                warnings.append({
-                    "subject_id": row["subject_id"],
-                    "message": f"{row['label_voxels_cropped']} label voxels fell outside the "
-                    f"{tuple(spec.target_shape)} crop (enlarge preprocess.target_shape)",
-                })
-        if prepared:
-            good = ds.map_batches(_keep_prepared, batch_size=None, batch_format="pyarrow")
-            good.drop_columns(["q_path", "q_reason", "q_stage"]).write_parquet(
-                str(staging), min_rows_per_file=cfg.data.rows_per_shard
-            )
+        ).write_parquet(str(staging), min_rows_per_file=cfg.data.rows_per_shard)
+        prepared = sum(pq.read_metadata(f).num_rows for f in staging.glob("*.parquet"))
+    quarantined, warnings = _read_notes(notes_dir)
+    shutil.rmtree(notes_dir)
+    quarantined = list(scan.rejected) + quarantined
     shards = output / SHARDS_DIR
     if shards.exists():
         shutil.rmtree(shards)
-    if staging.exists():
+    if prepared:
         staging.rename(shards)
+    elif staging.exists():
+        shutil.rmtree(staging)
     write_spec(output, spec)
     quarantined.sort(key=lambda q: (q.stage, q.path))
     report = PrepareReport(
