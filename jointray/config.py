@@ -147,10 +147,103 @@ class AugmentConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """The joint model (see :mod:`jointray.models`)."""
+
     variant: Literal["v2", "dv", "dv1", "seg_only", "outcome_only"] = "v2"
-    base_channels: int = Field(16, ge=4)
-    dropout: float = Field(0.1, ge=0, lt=1)
+    channels: tuple[int, ...] = Field(
+        (16, 32, 64, 128), description="encoder channels per level; each level after the first halves the grid"
+    )
+    num_classes: int = Field(3, ge=2, description="segmentation classes, background included")
+    dropout: float = Field(0.1, ge=0, lt=1, description="spatial (channel) dropout in the encoder: MC samples")
+    head_dropout: float = Field(0.2, ge=0, lt=1, description="dropout in the outcome heads: MC samples")
+    clinical_dim: int = Field(32, ge=4, description="width of the clinical embedding and tokens")
     heads: list[Literal["mmse", "cdr", "risk"]] = Field(default_factory=lambda: ["mmse", "cdr", "risk"])
+    cdr_classes: int = Field(4, ge=2, description="ordinal CDR classes (stages 0, 0.5, 1, 2+)")
+    use_image: bool = Field(True, description="outcome_only: false predicts from the clinical record alone")
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if len(v) < 3 or min(v) < 4:
+            raise ValueError("need at least 3 levels of >= 4 channels (deep supervision uses 1/2 and 1/4)")
+        return v
+
+
+class BalancerConfig(_Section):
+    """Multi-task loss balancing (see :mod:`jointray.train.balancing`)."""
+
+    kind: Literal["fixed", "inverse_rate", "uncertainty", "dwa", "gradnorm"] = "inverse_rate"
+    weights: dict[Literal["seg", "mmse", "cdr", "risk"], float] = Field(
+        default_factory=dict, description="fixed: weight per task, used as given; a task not listed gets 1.0"
+    )
+    temperature: float | None = Field(
+        None,
+        gt=0,
+        description="inverse_rate and dwa: softmax temperature; null takes the method's own default "
+        "(1.0 for inverse_rate, 2.0 for dwa as in Liu et al. 2019)",
+    )
+    warmup_epochs: int = Field(
+        5, ge=1, description="inverse_rate: epochs of uniform weights; their mean loss is the rate's baseline"
+    )
+    window: int = Field(5, ge=1, description="inverse_rate: recent epochs averaged for the current loss")
+    alpha: float = Field(1.5, ge=0, description="gradnorm: strength of the pull towards equal training rates")
+    lr: float = Field(0.025, gt=0, description="gradnorm: Adam learning rate of the task weights")
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        negative = sorted(task for task, w in v.items() if w < 0)
+        if negative:
+            raise ValueError(f"task weights >= 0 (negative: {negative})")
+        return v
+
+
+class PhaseConfig(_Section):
+    """One curriculum phase, in force while training progress (epoch / epochs) is below ``until``."""
+
+    until: float = Field(gt=0, le=1, description="progress bound of the phase, exclusive")
+    seg: float = Field(ge=0, description="scale of the segmentation loss")
+    outcome: float = Field(ge=0, description="scale of every outcome loss (mmse, cdr, risk)")
+    cross: float = Field(ge=0, le=1, description="cross-task interaction strength, read by the model")
+    lr: float = Field(gt=0, description="peak learning rate of the phase")
+
+    @model_validator(mode="after")
+    def _trains_something(self) -> PhaseConfig:
+        if self.seg == 0 and self.outcome == 0:
+            raise ValueError("seg or outcome > 0: with both 0 the phase would train nothing")
+        return self
+
+
+def _default_phases() -> list[PhaseConfig]:
+    # DESIGN.md: segmentation first, outcomes and cross-task interaction phased in as it stabilises.
+    return [
+        PhaseConfig(until=0.3, seg=0.8, outcome=0.2, cross=0.0, lr=1e-3),
+        PhaseConfig(until=0.6, seg=0.6, outcome=0.4, cross=0.3, lr=5e-4),
+        PhaseConfig(until=1.0, seg=0.5, outcome=0.5, cross=0.5, lr=2e-4),
+    ]
+
+
+class CurriculumConfig(_Section):
+    """Training phases by progress (see :mod:`jointray.train.curriculum`).
+
+    Enabled, the phases' ``lr`` replaces ``train.lr``; disabled, training runs as one phase with every
+    task scale 1.0, cross 1.0 and ``train.lr``.
+    """
+
+    enabled: bool = True
+    phases: list[PhaseConfig] = Field(default_factory=_default_phases)
+
+    @field_validator("phases")
+    @classmethod
+    def _cover_progress(cls, v: list[PhaseConfig]) -> list[PhaseConfig]:
+        bounds = [phase.until for phase in v]
+        if not bounds:
+            raise ValueError("at least one phase")
+        if any(later <= earlier for earlier, later in zip(bounds, bounds[1:])):
+            raise ValueError(f"strictly increasing phase 'until' bounds, not {bounds}")
+        if bounds[-1] != 1.0:
+            raise ValueError(f"the last phase to end at until=1.0, not {bounds[-1]}")
+        return v
 
 
 class TrainConfig(_Section):
@@ -163,6 +256,8 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     workers: int = Field(1, ge=1)
     augment: AugmentConfig = AugmentConfig()
+    balancer: BalancerConfig = BalancerConfig()
+    curriculum: CurriculumConfig = CurriculumConfig()
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> TrainConfig:

@@ -1,0 +1,1 @@
+"""Training: multi-task loss balancing, the curriculum and the training loop."""
