@@ -80,6 +80,29 @@ def prepare(
         raise typer.Exit(1)
 
 
+@app.command("model-summary", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def model_summary(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config file"),
+    overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. model.variant=dv1"),
+) -> None:
+    """Print the configured model's parameters, FLOPs per case and output shapes."""
+    from jointray.models.summary import summarise
+
+    cfg = _config(config, overrides)
+    try:
+        summary = summarise(cfg)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"jointray model: {summary.variant}", show_header=False)
+    table.add_row("parameters", f"{summary.parameters:,}")
+    table.add_row("input (one case)", str(summary.input_shape))
+    table.add_row("forward FLOPs per case", f"{summary.flops_per_case / 1e9:.2f} GFLOP")
+    for name, shape in summary.output_shapes.items():
+        table.add_row(f"output {name}", str(shape))
+    console.print(table)
+
+
 def main() -> None:
     app()
 

@@ -246,6 +246,17 @@ class CurriculumConfig(_Section):
         return v
 
 
+class LossConfig(_Section):
+    """Per-task objectives (see :mod:`jointray.losses`)."""
+
+    deep_supervision: tuple[float, float, float] = Field(
+        (0.6, 0.3, 0.1), description="weights of the full, 1/2 and 1/4 resolution segmentation losses"
+    )
+    huber_delta: float = Field(2.0, gt=0, description="MMSE points where the Huber loss turns linear")
+    cox_ties: Literal["efron", "breslow"] = "efron"
+    correlation_weight: float = Field(0.0, ge=0, description="weight of the task-correlation penalty")
+
+
 class TrainConfig(_Section):
     name: str = "jointray"
     seed: int = 0
@@ -256,6 +267,7 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     workers: int = Field(1, ge=1)
     augment: AugmentConfig = AugmentConfig()
+    loss: LossConfig = LossConfig()
     balancer: BalancerConfig = BalancerConfig()
     curriculum: CurriculumConfig = CurriculumConfig()
 
@@ -292,6 +304,16 @@ class Config(_Section):
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
 
+    @model_validator(mode="after")
+    def _grid_fits_the_encoder(self) -> Config:
+        factor = 2 ** len(self.model.channels)
+        if any(n % factor for n in self.preprocess.target_shape):
+            raise ValueError(
+                f"preprocess.target_shape {tuple(self.preprocess.target_shape)} must be divisible by {factor} "
+                f"(2 ** len(model.channels)={len(self.model.channels)}): the encoder halves the grid at every level"
+            )
+        return self
+
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node = tree
@@ -319,10 +341,13 @@ def _describe(errors: ValidationError) -> str:
     lines = []
     for err in errors.errors():
         key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
+        message = err["msg"].removeprefix("Value error, ")
+        if not key:  # a rule across sections: its message names the keys itself
+            lines.append(message)
+        elif err["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key (value {err['input']!r})")
         else:
-            lines.append(f"{key}: got {err['input']!r}; expected {err['msg'].removeprefix('Value error, ')}")
+            lines.append(f"{key}: got {err['input']!r}; expected {message}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

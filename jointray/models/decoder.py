@@ -1,0 +1,85 @@
+"""Segmentation decoder: attention-gated skip connections, channel gating, deep supervision."""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.blocks import Convolution, ResidualUnit
+from monai.networks.nets.attentionunet import AttentionBlock
+from torch import nn
+
+#: Channels of the full-resolution output stage: few, because every voxel of it costs (few-channel
+#: 3D convolutions are also the least efficient kind on CPUs).
+FULL_RES_CHANNELS = 4
+
+
+def _up(in_channels: int, out_channels: int) -> Convolution:
+    return Convolution(3, in_channels, out_channels, strides=2, kernel_size=2, is_transposed=True,
+                       norm="INSTANCE", padding=0, output_padding=0)
+
+
+class DecoderLevel(nn.Module):
+    """Upsample, gate the skip connection, merge, refine.
+
+    The attention gate (Oktay et al. 2018, "Attention U-Net") lets the coarser decoder features decide
+    which skip voxels matter, suppressing look-alike tissue next to the hippocampus.
+
+    x (B, C_in, X/2, ...), skip (B, C_out, X, ...) → (B, C_out, X, ...)
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, attention_gate: bool):
+        super().__init__()
+        self.out_channels = out_channels
+        self.up = _up(in_channels, out_channels)
+        self.gate = AttentionBlock(3, f_int=max(out_channels // 2, 4), f_g=out_channels, f_l=out_channels) \
+            if attention_gate else None
+        self.merge = ResidualUnit(3, 2 * out_channels, out_channels, subunits=1, norm="INSTANCE")
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)
+        if self.gate is not None:
+            skip = self.gate(g=x, x=skip)
+        return self.merge(torch.cat([x, skip], dim=1))
+
+
+class SegmentationDecoder(nn.Module):
+    """Decode an encoder pyramid to class logits at full, 1/2 and 1/4 resolution (deep supervision).
+
+    The encoder's finest level is at 1/2 resolution; a transposed convolution brings the decoder to
+    full resolution with a few channels, where the input image is concatenated back in (boundary
+    detail at full resolution) for the final 3×3×3 classifier — as cheap as MONAI UNet's top level.
+
+    ``gates`` (optional) are per-level channel multipliers (B, C_level) from the outcome branch
+    (outcome → segmentation interaction); 1 everywhere means no effect.
+
+    features [(B, c_0, X/2, ...), ..., (B, c_L, X/2^(L+1), ...)], image (B, C_in, X, ...)
+    → logits [(B, K, X, ...), (B, K, X/2, ...), (B, K, X/4, ...)] and the 1/2-resolution decoder
+    features (B, c_0, X/2, ...) used for structure pooling.
+    """
+
+    def __init__(self, channels: tuple[int, ...], in_channels: int, num_classes: int, attention_gates: bool):
+        super().__init__()
+        self.levels = nn.ModuleList(
+            DecoderLevel(channels[i + 1], channels[i], attention_gates) for i in reversed(range(len(channels) - 1))
+        )
+        self.to_full = _up(channels[0], FULL_RES_CHANNELS)
+        self.heads = nn.ModuleList([
+            nn.Conv3d(FULL_RES_CHANNELS + in_channels, num_classes, kernel_size=3, padding=1),
+            nn.Conv3d(channels[0], num_classes, kernel_size=1),
+            nn.Conv3d(channels[1], num_classes, kernel_size=1),
+        ])
+
+    @property
+    def gated_channels(self) -> list[int]:
+        return [level.out_channels for level in self.levels]
+
+    def forward(self, features: list[torch.Tensor], image: torch.Tensor, gates: list[torch.Tensor] | None = None):
+        x = features[-1]
+        outputs = []
+        for i, level in enumerate(self.levels):
+            x = level(x, features[-2 - i])
+            if gates is not None:
+                x = x * gates[i].view(*gates[i].shape, 1, 1, 1)
+            outputs.append(x)
+        full = torch.cat([self.to_full(x), image], dim=1)
+        logits = [self.heads[0](full), self.heads[1](x), self.heads[2](outputs[-2])]
+        return logits, x

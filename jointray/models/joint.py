@@ -1,0 +1,150 @@
+"""The joint model: one network, five variants chosen by ``model.variant``.
+
+Data flow (v2)::
+
+    image ─ encoder (SE, spatial dropout) ─ pyramid ─┬─ bottleneck ─ FiLM(c) ─ cross-attention(tokens)
+    clinical ─ ClinicalEncoder ─ c, tokens ──────────┘          │
+                                                     h0 = MLP[GAP(bottleneck), c]
+                                  gates = 1 + λ·tanh(W h0) ──►  decoder (attention-gated skips) ─ logits ×3
+                                                     h = h0 + λ·W' StructurePooling(logits, features)
+                                                     heads(h) → mmse, cdr, risk
+
+λ (``cross``, from the curriculum) scales both cross-task paths; λ = 0 switches them off.
+
+| variant       | encoder       | SE | attention gates | FiLM + cross-attn | cross-task | seg | outcomes |
+|---------------|---------------|----|-----------------|-------------------|------------|-----|----------|
+| v2            | shared        | ✓  | ✓               | ✓                 | ✓          | ✓   | ✓        |
+| dv            | one per view  | ✓  | ✓               | ✓                 | ✓          | ✓   | ✓        |
+| dv1           | shared, plain |    |                 | (concatenation)   |            | ✓   | ✓        |
+| seg_only      | shared        | ✓  | ✓               |                   |            | ✓   |          |
+| outcome_only  | shared or none| ✓  |                 | ✓                 |            |     | ✓        |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from jointray.config import ModelConfig
+from jointray.data.clinical import ClinicalInput, ClinicalSchema
+from jointray.models.clinical import ClinicalEncoder
+from jointray.models.decoder import SegmentationDecoder
+from jointray.models.encoder import DualViewEncoder, ImageEncoder
+from jointray.models.fusion import FiLM, ClinicalCrossAttention
+from jointray.models.heads import OutcomeHeads, StructurePooling
+
+#: Width of the shared outcome representation h.
+OUTCOME_DIM = 128
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    segmentation: bool
+    outcomes: bool
+    dual_view: bool = False
+    squeeze_excite: bool = True
+    attention_gates: bool = True
+    clinical_fusion: bool = True  # FiLM + cross-attention on the bottleneck
+    cross_task: bool = True
+
+
+VARIANTS = {
+    "v2": VariantSpec(segmentation=True, outcomes=True),
+    "dv": VariantSpec(segmentation=True, outcomes=True, dual_view=True),
+    "dv1": VariantSpec(segmentation=True, outcomes=True, squeeze_excite=False, attention_gates=False,
+                       clinical_fusion=False, cross_task=False),
+    "seg_only": VariantSpec(segmentation=True, outcomes=False, clinical_fusion=False, cross_task=False),
+    "outcome_only": VariantSpec(segmentation=False, outcomes=True, attention_gates=False, cross_task=False),
+}
+
+
+@dataclass
+class JointOutput:
+    """``seg``: logits [(B, K, X, Y, Z), (B, K, X/2, ...), (B, K, X/4, ...)] or None;
+    ``outcomes``: name → (B,) or (B, K-1) for ``cdr``; ``hidden``: the outcome representation (B, D)."""
+
+    seg: list[torch.Tensor] | None
+    outcomes: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
+
+
+class JointModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, in_channels: int = 1, schema: ClinicalSchema | None = None):
+        super().__init__()
+        spec = VARIANTS[cfg.variant]
+        if spec.dual_view and in_channels < 2:
+            raise ValueError(f"variant 'dv' needs two views/modalities (preprocess.channels >= 2), got {in_channels}")
+        self.spec, self.cfg = spec, cfg
+        schema = schema or ClinicalSchema()
+        channels = tuple(cfg.channels)
+        self.uses_image = spec.segmentation or cfg.use_image
+        self.encoder = None
+        if self.uses_image:
+            self.encoder = (DualViewEncoder(in_channels, channels, spec.squeeze_excite, cfg.dropout) if spec.dual_view
+                            else ImageEncoder(in_channels, channels, spec.squeeze_excite, cfg.dropout))
+        self.decoder = SegmentationDecoder(channels, in_channels, cfg.num_classes, spec.attention_gates) if spec.segmentation else None
+        self.film = self.cross_attention = None
+        if self.uses_image and spec.clinical_fusion:
+            self.film = FiLM(channels[-1], cfg.clinical_dim)
+            self.cross_attention = ClinicalCrossAttention(channels[-1], cfg.clinical_dim)
+        self.clinical = None
+        if spec.outcomes or (self.film is not None):
+            self.clinical = ClinicalEncoder(schema.num_numeric, schema.cardinalities, cfg.clinical_dim, cfg.head_dropout)
+        self.heads = None
+        if spec.outcomes:
+            pooled = channels[-1] if self.uses_image else 0
+            self.to_hidden = nn.Sequential(nn.Linear(pooled + cfg.clinical_dim, OUTCOME_DIM), nn.GELU())
+            self.heads = OutcomeHeads(OUTCOME_DIM, cfg.heads, cfg.cdr_classes, cfg.head_dropout)
+        if spec.cross_task:
+            self.gates = nn.ModuleList(nn.Linear(OUTCOME_DIM, c) for c in self.decoder.gated_channels)
+            for gate in self.gates:  # zero init: gates start at exactly 1
+                nn.init.zeros_(gate.weight)
+                nn.init.zeros_(gate.bias)
+            self.structure_pool = StructurePooling()
+            self.from_structures = nn.Linear((cfg.num_classes - 1) * (channels[0] + 1), OUTCOME_DIM)
+
+    def forward(self, image: torch.Tensor | None, clinical: ClinicalInput | None = None, cross: float = 1.0,
+                voxel_volume: torch.Tensor | None = None) -> JointOutput:
+        """image (B, C, X, Y, Z) (None for a clinical-only ``outcome_only``); ``voxel_volume`` (B,) in mm³."""
+        out = self.encode(image, clinical, cross, voxel_volume)
+        if self.heads is not None:
+            out.outcomes = self.heads(out.hidden)
+        return out
+
+    def encode(self, image: torch.Tensor | None, clinical: ClinicalInput | None = None, cross: float = 1.0,
+               voxel_volume: torch.Tensor | None = None) -> JointOutput:
+        """Everything up to the outcome heads: segmentation logits and the hidden outcome representation."""
+        ref = image if image is not None else clinical.numeric
+        batch, device = ref.shape[0], ref.device
+        vector = tokens = None
+        if self.clinical is not None:
+            vector, tokens = self.clinical(clinical if clinical is not None else self.clinical.all_missing(batch, device))
+        features = None
+        if self.encoder is not None:
+            features = self.encoder(image)
+            if self.film is not None:
+                bottleneck = self.cross_attention(self.film(features[-1], vector), tokens)
+                features = [*features[:-1], bottleneck]
+        if self.heads is None:
+            logits, _ = self.decoder(features, image)
+            return JointOutput(seg=logits)
+        parts = [features[-1].mean(dim=(2, 3, 4))] if features is not None else []
+        hidden = self.to_hidden(torch.cat([*parts, vector], dim=1))
+        logits = None
+        if self.decoder is not None:
+            gates = None
+            if self.spec.cross_task:
+                gates = [1.0 + cross * torch.tanh(g(hidden)) for g in self.gates]
+            logits, full = self.decoder(features, image, gates)
+            if self.spec.cross_task:
+                if voxel_volume is None:
+                    voxel_volume = torch.ones(batch, device=device)
+                pooled = self.structure_pool(logits[0], full, voxel_volume)
+                hidden = hidden + cross * self.from_structures(pooled.to(hidden.dtype))
+        return JointOutput(seg=logits, hidden=hidden)
+
+
+def build_model(cfg: ModelConfig, in_channels: int = 1, schema: ClinicalSchema | None = None) -> JointModel:
+    return JointModel(cfg, in_channels, schema)
