@@ -30,6 +30,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/prepare.py
+	$(BIN)/python benchmarks/model.py
 
 clean:
 	rm -rf $(VENV) runs benchmarks/results

@@ -88,8 +88,9 @@ def main() -> None:
     table.add_row("Ray Data pipeline (warm workers)", f"{t_ray:.2f}", f"{report.prepared / t_ray:.1f}")
     table.add_row("Ray Data pipeline (cold: first run)", f"{t_cold:.2f}", f"{report.prepared / t_cold:.1f}")
     table.add_row("ratio (loop time / warm Ray time)", f"{result['speedup']:.2f}x", "")
-    Console().print(table)
-    Console().print(f"Ray start-up (not included above): {t_init:.1f} s")
+    console = Console(width=160)
+    console.print(table)
+    console.print(f"Ray start-up (not included above): {t_init:.1f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -37,6 +37,8 @@ class JointLoss(nn.Module):
     (Cox partial likelihood), and ``correlation`` (task-correlation penalty) when its weight is > 0.
 
     Tasks the model does not predict, or whose targets are absent from the batch, are left out.
+    ``correlation`` comes already multiplied by ``train.loss.correlation_weight``: it is a regulariser
+    to add to the balanced total, not a task for the balancer to weigh.
     """
 
     def __init__(self, model_cfg: ModelConfig, cfg: LossConfig):
