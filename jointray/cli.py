@@ -80,6 +80,27 @@ def prepare(
         raise typer.Exit(1)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config file"),
+    overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. train.epochs=5"),
+) -> None:
+    """Train the joint model on Ray Train from prepared shards; prints where the best checkpoint is."""
+    from jointray.runtime import init_ray
+    from jointray.train.progress import summary_table
+    from jointray.train.trainer import run_training
+
+    cfg = _config(config, overrides)
+    init_ray(cfg.ray)
+    try:
+        result = run_training(cfg, announce=console.print)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(summary_table(result.metrics, f"jointray train: {cfg.train.name} (best checkpoint)"))
+    console.print(f"best checkpoint: {result.best_dir}")
+
+
 @app.command("model-summary", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def model_summary(
     config: Path = typer.Option(None, "--config", "-c", help="YAML config file"),

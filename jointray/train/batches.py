@@ -1,0 +1,47 @@
+"""Shard batches (NumPy columns from Ray Data) → model inputs and targets on a device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from jointray.data.clinical import ClinicalInput, ClinicalSchema
+from jointray.losses.joint import Targets
+
+
+@dataclass
+class ModelBatch:
+    image: torch.Tensor  # (B, C, X, Y, Z)
+    clinical: ClinicalInput
+    targets: Targets
+    voxel_volume: torch.Tensor  # (B,) mm³ of the prepared grid
+    subject_ids: list[str]
+
+    @property
+    def size(self) -> int:
+        return self.image.shape[0]
+
+
+def to_model_batch(batch: dict[str, np.ndarray], schema: ClinicalSchema, device: torch.device | str) -> ModelBatch:
+    """Convert one ``iter_batches(batch_format="numpy")`` batch; clinical strings are encoded here,
+    since ``iter_torch_batches`` cannot carry string columns."""
+    size = len(batch["subject_id"])
+
+    def floats(name: str) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(batch[name], np.float32), device=device)
+
+    affine = np.asarray(batch["affine"], np.float64).reshape(size, 4, 4)
+    voxel_volume = np.abs(np.linalg.det(affine[:, :3, :3]))
+    return ModelBatch(
+        image=torch.as_tensor(np.asarray(batch["image"], np.float32), device=device),
+        clinical=schema.encode(batch, size).to(device),
+        targets=Targets(
+            label=torch.as_tensor(np.asarray(batch["label"], np.int64), device=device),
+            has_label=torch.as_tensor(np.asarray(batch["has_label"], bool), device=device),
+            mmse=floats("mmse"), cdr=floats("cdr"), time=floats("time"), event=floats("event"),
+        ),
+        voxel_volume=torch.as_tensor(voxel_volume, dtype=torch.float32, device=device),
+        subject_ids=[str(s) for s in batch["subject_id"]],
+    )
