@@ -16,11 +16,12 @@ def init_ray(cfg: RayConfig) -> None:
     """
     if ray.is_initialized():
         return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:  # a cluster (or a submitted job) keeps the environment its owner gave it
+        ray.init(address=address)
+        return
     # Ray Data's per-operator progress bars, printed by every training worker, bury the one line per
     # epoch that a person reads; the pipeline still logs its progress to the Ray logs.
-    runtime_env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1")}}
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=runtime_env)
-        return
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env=runtime_env)
+    quiet = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": quiet}})

@@ -107,7 +107,10 @@ def run_training(cfg: Config, announce=print) -> TrainResult:
     prepared = _prepared_folder(cfg)
     spec = read_spec(prepared)
     placement = plan_placement(cfg)
-    build_model(cfg.model, spec.channels)  # a variant that cannot take this data fails here, not on a worker
+    try:  # a variant that cannot take this data fails here, not on a worker
+        build_model(cfg.model, spec.channels)
+    except ValueError as exc:
+        raise ConfigError(f"model.variant={cfg.model.variant} cannot train on {prepared}: {exc}") from exc
     storage = cfg.train.storage_path
     local = "://" not in storage
     run_dir = (Path(storage).resolve() if local else Path("runs")) / cfg.train.name

@@ -1,0 +1,102 @@
+"""Training on Ray Train: a real run, resume after a worker dies, checkpoints, and bad requests."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from jointray.config import ConfigError, load_config
+from jointray.data.prepare import prepare_dataset
+from jointray.train.checkpoint import STATE_FILE, CheckpointError, export_checkpoint, read_checkpoint
+from jointray.train.trainer import FAULT_MARKER, plan_placement, run_training
+
+#: Small and fast: 20 synthetic subjects, 48³, augmentation off so two runs with one seed are comparable.
+BASE = ["data.format=synthetic", "data.synthetic.n_subjects=20", "preprocess.target_shape=[48,48,48]",
+        "train.batch_size=4", "train.n_folds=4", "train.augment.enabled=false", "train.patience=null",
+        "model.channels=[8,16,32,64]"]
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    overrides = [*BASE, f"data.root={root / 'cohort'}", f"data.output={root / 'prepared'}"]
+    report = prepare_dataset(load_config(None, overrides))
+    assert report.prepared == 20
+    return root, overrides
+
+
+def _cfg(prepared, tmp_path, *extra):
+    root, overrides = prepared
+    return load_config(None, [*overrides, f"train.storage_path={tmp_path}", *extra])
+
+
+def test_training_run_exports_a_verified_best_checkpoint(prepared, tmp_path):
+    cfg = _cfg(prepared, tmp_path, "train.name=basic", "train.epochs=2")
+    result = run_training(cfg, announce=lambda _: None)
+    assert result.best_dir == tmp_path / "basic" / "best"
+    loaded = read_checkpoint(result.best_dir)
+    assert loaded.config == cfg and loaded.spec == cfg.preprocess
+    assert {f.name for f in loaded.schema.numeric} == {"age", "apoe4", "education_years"}
+    assert [f.name for f in loaded.schema.categorical] == ["sex"]
+    assert set(loaded.state) >= {"model", "optimizer", "balancer", "scaler", "epoch", "step", "rng"}
+    for key in ("val/dice", "val/mmse_mae", "val/cdr_qwk", "val/c_index", "val/score", "cases_per_s"):
+        assert key in result.metrics and math.isfinite(result.metrics[key]), key
+    assert result.metrics["step"] == 4 * (result.metrics["epoch"] + 1)  # 15 subjects / batch 4 = 4 steps an epoch
+    assert any((tmp_path / "basic" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_worker_crash_resumes_from_the_last_checkpoint(prepared, tmp_path):
+    clean = run_training(_cfg(prepared, tmp_path, "train.name=clean", "train.epochs=3"), announce=lambda _: None)
+    faulty_cfg = _cfg(prepared, tmp_path, "train.name=faulty", "train.epochs=3", "train.fault_at_step=6")
+    faulty = run_training(faulty_cfg, announce=lambda _: None)
+    run = tmp_path / "faulty"
+    assert (run / FAULT_MARKER).read_text() == "fault injected at step 6\n"  # the worker really died
+    # Restarted from the epoch-0 checkpoint (step 4): steps 5-6 were lost and redone, nothing more.
+    final = read_checkpoint(max(run.glob("epoch_*"))).state
+    assert (final["epoch"], final["step"]) == (2, 12)
+    assert faulty.metrics["step"] == clean.metrics["step"]
+    assert abs(faulty.metrics["val/dice"] - clean.metrics["val/dice"]) < 0.05
+    assert abs(faulty.metrics["val/mmse_mae"] - clean.metrics["val/mmse_mae"]) < 1.0
+
+
+def test_corrupt_or_half_written_checkpoints_are_never_loaded(prepared, tmp_path):
+    result = run_training(_cfg(prepared, tmp_path, "train.name=ck", "train.epochs=1"), announce=lambda _: None)
+    broken = tmp_path / "broken"
+    shutil.copytree(result.best_dir, broken)
+    with (broken / STATE_FILE).open("r+b") as f:
+        f.seek(100)
+        f.write(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="do not match the hash"):
+        read_checkpoint(broken)
+    (broken / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="not a complete jointray checkpoint"):
+        read_checkpoint(broken)
+    with pytest.raises(CheckpointError):
+        export_checkpoint(broken, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    state = torch.load(result.best_dir / STATE_FILE, weights_only=True)  # no pickled code needed
+    assert state["epoch"] == 0
+
+
+def test_bad_requests_fail_before_training(prepared, tmp_path):
+    with pytest.raises(ConfigError, match=r"train.workers=3 is more than the 2 CPUs"):
+        plan_placement(_cfg(prepared, tmp_path, "train.workers=3"))
+    with pytest.raises(ConfigError, match="no prepared shards at /nonexistent"):
+        run_training(_cfg(prepared, tmp_path, "train.prepared=/nonexistent"))
+    with pytest.raises(ConfigError, match="train.balancer.kind: got 'magic'"):
+        _cfg(prepared, tmp_path, "train.balancer.kind=magic")
+    with pytest.raises(ConfigError, match="prepare again with this config"):
+        run_training(_cfg(prepared, tmp_path, "preprocess.intensity.mode=percentile"))
+    with pytest.raises(ConfigError, match="needs two views"):
+        run_training(_cfg(prepared, tmp_path, "model.variant=dv"))
+
+
+def test_resuming_another_model_variant_is_refused(prepared, tmp_path):
+    run_training(_cfg(prepared, tmp_path, "train.name=variant", "train.epochs=1"), announce=lambda _: None)
+    with pytest.raises(ConfigError, match="holds a run of model v2 .* this config asks for dv1"):
+        run_training(_cfg(prepared, tmp_path, "train.name=variant", "train.resume=true", "model.variant=dv1"))
+    meta = json.loads(next((tmp_path / "variant").glob("epoch_*/meta.json")).read_text())
+    assert meta["config"]["model"]["variant"] == "v2"
