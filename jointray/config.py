@@ -279,6 +279,9 @@ class TrainConfig(_Section):
         "fp32 on CPU (bf16 autocast measured slower than fp32 for 3D convolutions on CPU)"
     )
     workers: int = Field(1, ge=1)
+    placement: Literal["PACK", "SPREAD"] = Field(
+        "PACK", description="PACK: workers on as few nodes as possible (fast DDP); SPREAD: one per node where possible"
+    )
     use_gpu: bool | None = Field(None, description="null: use GPUs when the cluster has them")
     cpus_per_worker: float | None = Field(
         None, gt=0, description="null: 1, or less when that would leave no CPU for the Ray Data pipeline"
@@ -290,6 +293,10 @@ class TrainConfig(_Section):
     score: dict[str, float] = Field(
         default_factory=lambda: {"val/dice": 1.0, "val/mmse_mae": -0.02, "val/cdr_qwk": 0.2, "val/c_index": 0.2},
         description="combined validation score = Σ weight · metric over the metrics a run has (higher is better)",
+    )
+    mlflow: bool = Field(False, description="log parameters and per-epoch metrics to MLflow as well as TensorBoard")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; null: a local SQLite file, <storage_path>/<name>/mlflow.db"
     )
     fault_at_step: int | None = Field(
         None, ge=1, description="testing fault tolerance: the rank-0 worker process exits at this global step, once"

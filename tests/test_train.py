@@ -34,7 +34,7 @@ def _cfg(prepared, tmp_path, *extra):
 
 
 def test_training_run_exports_a_verified_best_checkpoint(prepared, tmp_path):
-    cfg = _cfg(prepared, tmp_path, "train.name=basic", "train.epochs=2")
+    cfg = _cfg(prepared, tmp_path, "train.name=basic", "train.epochs=2", "train.mlflow=true")
     result = run_training(cfg, announce=lambda _: None)
     assert result.best_dir == tmp_path / "basic" / "best"
     loaded = read_checkpoint(result.best_dir)
@@ -46,6 +46,16 @@ def test_training_run_exports_a_verified_best_checkpoint(prepared, tmp_path):
         assert key in result.metrics and math.isfinite(result.metrics[key]), key
     assert result.metrics["step"] == 4 * (result.metrics["epoch"] + 1)  # 15 subjects / batch 4 = 4 steps an epoch
     assert any((tmp_path / "basic" / "tensorboard").glob("events.out.tfevents.*"))
+    # MLflow: the whole config as parameters, one value per epoch for every metric.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'basic' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("jointray").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "basic"
+    assert run.data.params["train.epochs"] == "2" and run.data.params["model.variant"] == "v2"
+    history = client.get_metric_history(run.info.run_id, "val/dice")
+    assert [m.step for m in history] == [0, 1]
+    assert history[1].value == pytest.approx(result.final_metrics["val/dice"], abs=1e-6)
 
 
 def test_worker_crash_resumes_from_the_last_checkpoint(prepared, tmp_path):
@@ -60,6 +70,19 @@ def test_worker_crash_resumes_from_the_last_checkpoint(prepared, tmp_path):
     assert faulty.metrics["step"] == clean.metrics["step"]
     assert abs(faulty.metrics["val/dice"] - clean.metrics["val/dice"]) < 0.05
     assert abs(faulty.metrics["val/mmse_mae"] - clean.metrics["val/mmse_mae"]) < 1.0
+
+
+def test_the_wall_clock_budget_ends_the_run_with_a_validated_checkpoint(prepared, tmp_path):
+    # 50 epochs would take minutes; a 25-second budget stops after a few, still validated and saved.
+    result = run_training(_cfg(prepared, tmp_path, "train.name=budget", "train.epochs=50", "train.max_minutes=0.42"),
+                          announce=lambda _: None)
+    assert result.final_metrics["stopped"] == 1.0 and 1 <= result.final_metrics["epoch"] < 25
+    assert math.isfinite(result.final_metrics["val/dice"])
+    last = read_checkpoint(max((tmp_path / "budget").glob("epoch_*"))).state
+    assert last["epoch"] == result.final_metrics["epoch"]
+    # The budget, not the epoch count, set the schedule: the learning rate annealed to zero by its end
+    # (by 50 epochs' steps it would still be near its peak of 1e-3).
+    assert result.final_metrics["lr"] < 1e-5
 
 
 def test_corrupt_or_half_written_checkpoints_are_never_loaded(prepared, tmp_path):

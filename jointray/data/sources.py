@@ -243,3 +243,39 @@ def scan_source(cfg: DataConfig) -> Scan:
         _join_clinical(scan, Path(cfg.clinical))
     _reject_duplicates(scan)
     return scan
+
+
+def scan_nifti_folder(root: Path, labels: Path | None) -> Scan:
+    """One case per NIfTI file in ``root``; with ``labels``, the file of the same name there is its label."""
+    scan = Scan()
+    for path in sorted(p for p in root.iterdir() if _is_nifti(p)):
+        label = None
+        if labels is not None:
+            candidate = labels / path.name
+            if candidate.is_file():
+                label = str(candidate.resolve())
+            else:
+                scan.rejected.append(Quarantined(_case_id(path), str(path), f"no label {path.name} in {labels}", "scan"))
+                continue
+        scan.records.append(CaseRecord(subject_id=_case_id(path), images=[str(path.resolve())], label=label))
+    return scan
+
+
+def scan_path(path: Path, cfg: DataConfig, labels: Path | None = None) -> Scan:
+    """Find cases at ``path`` for inference, whatever it is: an MSD folder (``dataset.json``), a manifest
+    table, a folder of NIfTI images (labels, optional, in ``labels`` under the same file names) or
+    DICOM series. ``cfg`` is the data section the model was trained with (label set, image columns)."""
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist")
+    if labels is not None and not labels.is_dir():
+        raise ConfigError(f"labels folder {labels} does not exist")
+    if path.is_dir() and (path / "dataset.json").is_file():
+        scan = scan_msd(path, cfg.label_names)
+    elif path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".parquet"):
+        scan = scan_manifest(path, cfg.image_columns)
+    elif path.is_dir() and any(_is_nifti(p) for p in path.iterdir()):
+        scan = scan_nifti_folder(path, labels)
+    else:
+        scan = scan_dicom(path)
+    _reject_duplicates(scan)
+    return scan

@@ -31,6 +31,12 @@ from jointray.config import AugmentConfig, TrainConfig
 from jointray.data.shards import SHARDS_DIR
 
 
+#: CPUs each read/augment task asks for. Less than one, so that the data tasks fit beside fractional
+#: train workers: two 1-CPU nodes running a 0.5-CPU worker each have 0.5 CPU free per node, where a
+#: 1-CPU task would wait forever and training with it.
+DATA_TASK_CPUS = 0.5
+
+
 def assign_folds(subject_ids: list[str], n_folds: int, seed: int, given: dict[str, int] | None = None) -> dict[str, int]:
     """Subject → fold in ``0..n_folds-1``; ``given`` folds (from a manifest) are kept as they are."""
     given = given or {}
@@ -88,17 +94,29 @@ def augment_batch(batch: pa.Table, cfg_json: str) -> pa.Table:
     return batch
 
 
-def _subjects_in(batch: pa.Table, keep: list[str]) -> pa.Table:
-    return batch.filter(pc.is_in(batch["subject_id"], value_set=pa.array(keep, pa.string())))
+def _read_subjects(batch: pa.Table, keep: list[str]) -> pa.Table:
+    """The rows of the subjects in ``keep`` from the shard files named in ``batch["path"]``."""
+    return pa.concat_tables([pq.read_table(path, filters=pc.field("subject_id").isin(keep))
+                             for path in batch["path"].to_pylist()])
+
+
+def subjects_dataset(prepared: str | Path, subject_ids: list[str]) -> ray.data.Dataset:
+    """A Ray Dataset of the given subjects' shard rows, one read task per shard file.
+
+    Not ``ray.data.read_parquet``: its file-listing task always asks for a whole CPU, which a
+    cluster of small nodes running fractional train workers never has free (the run hangs); these
+    tasks ask for :data:`DATA_TASK_CPUS`.
+    """
+    files = sorted(str(f) for f in (Path(prepared) / SHARDS_DIR).glob("*.parquet"))
+    return ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
+        _read_subjects, fn_kwargs={"keep": subject_ids}, batch_format="pyarrow", batch_size=1, num_cpus=DATA_TASK_CPUS)
 
 
 def train_val_datasets(prepared: str | Path, cfg: TrainConfig) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """Ray Datasets over the shards of ``prepared``: (augmented training fold(s), validation fold)."""
     train_ids, val_ids = split_subjects(prepared, cfg.n_folds, cfg.fold, cfg.seed)
-    source = ray.data.read_parquet(str(Path(prepared) / SHARDS_DIR))
-    train = source.map_batches(_subjects_in, fn_kwargs={"keep": train_ids}, batch_format="pyarrow", batch_size=None)
-    val = source.map_batches(_subjects_in, fn_kwargs={"keep": val_ids}, batch_format="pyarrow", batch_size=None)
+    train, val = subjects_dataset(prepared, train_ids), subjects_dataset(prepared, val_ids)
     if cfg.augment.enabled:
         train = train.map_batches(augment_batch, fn_kwargs={"cfg_json": cfg.augment.model_dump_json()},
-                                  batch_format="pyarrow", batch_size=cfg.batch_size)
+                                  batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=DATA_TASK_CPUS)
     return train, val

@@ -9,12 +9,12 @@ a checkpoint from rank 0 — to Ray Train. A restarted worker resumes from the l
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -29,37 +29,55 @@ from jointray.data.clinical import ClinicalSchema
 from jointray.losses.joint import JointLoss
 from jointray.models import build_model
 from jointray.models.joint import JointModel
+from jointray.precision import autocast_for
 from jointray.train.balancing import LossBalancer, make_balancer
 from jointray.train.batches import to_model_batch
 from jointray.train.checkpoint import read_checkpoint, write_checkpoint
 from jointray.train.curriculum import Curriculum
 from jointray.train.progress import epoch_line
+from jointray.train.tracking import Tracker
 from jointray.train.validation import combined_score, predict_cases, validation_metrics
 
 #: Cases kept in the local shuffle buffer of the training iterator.
 SHUFFLE_BUFFER = 16
 
 
-def autocast_for(precision: str, device: torch.device):
-    """(autocast context factory, GradScaler or None) for ``train.precision`` on ``device``."""
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext, None
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
+def lr_factor(step: int, warmup_steps: int, progress: float) -> float:
+    """Linear warm-up to 1 over ``warmup_steps``, then cosine decay to 0 as ``progress`` goes 0 → 1."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def training_progress(step: int, total_steps: int, warmup_steps: int, elapsed_s: float, budget_s: float) -> float:
+    """How far the run is, 0 → 1: by steps, or by the wall-clock budget when that ends it sooner, so a
+    time-limited run still anneals its learning rate and walks through every curriculum phase."""
+    by_steps = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min(1.0, max(by_steps, elapsed_s / budget_s))
+
+
+def _shared_elapsed(started: float, world: int, device: torch.device) -> float:
+    """Seconds since ``started``, the same on every rank (the slowest clock), so that every worker
+    takes the same learning rate, curriculum phase and decision to stop — a rank that stopped alone
+    would leave the others waiting in DDP's all-reduce forever."""
+    elapsed = time.perf_counter() - started
+    if world == 1:
+        return elapsed
+    value = torch.tensor([elapsed], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value)
+
+
+def _validation_rows(raw: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray] | None:
+    """This rank's share of a validation batch. Every worker reads the whole (unsplit) validation set
+    and predicts the subjects that hash to its rank: disjoint, complete, whatever the read order —
+    an equal split would drop the remainder cases from the metrics."""
+    if world == 1:
+        return raw
+    mine = np.array([zlib.crc32(str(s).encode()) % world == rank for s in raw["subject_id"]])
+    if not mine.any():
+        return None
+    return {k: (v[mine] if isinstance(v, np.ndarray) else [x for x, m in zip(v, mine) if m]) for k, v in raw.items()}
 
 
 def _unwrap(model: torch.nn.Module) -> JointModel:
@@ -104,6 +122,16 @@ def _inject_fault(cfg: Config, step: int, rank: int, marker: Path | None) -> Non
     os._exit(1)  # a hard crash, as a lost node looks to Ray: no exception handling, no cleanup
 
 
+def _node_count(world: int) -> int:
+    """Distinct Ray nodes that host this run's workers (reported, so placement can be checked)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return 1
+    nodes: list[str] = [""] * world
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
+
+
 def _rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
             "python": list(random.getstate()[1])}
@@ -121,7 +149,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     schema = ClinicalSchema.model_validate_json(loop_config["schema"])
     steps_per_epoch: int = loop_config["steps_per_epoch"]
     fault_marker = Path(loop_config["fault_marker"]) if loop_config.get("fault_marker") else None
-    tb_dir = loop_config.get("tensorboard_dir")
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -130,6 +157,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     np.random.seed(cfg.train.seed + rank)
     random.seed(cfg.train.seed + rank)
     device = ray.train.torch.get_device()
+    nodes = _node_count(world)
 
     model = build_model(cfg.model, spec.channels, schema)
     tasks = _tasks(model)
@@ -160,11 +188,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         epoch, step, best, stale = state["epoch"] + 1, state["step"], state["best"], state["stale"]
         elapsed_before = state["elapsed_s"]
         _set_rng_state(state["rng"])
-    writer = None
-    if rank == 0 and tb_dir:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(tb_dir)
+    tracker = Tracker(cfg, loop_config.get("tensorboard_dir"), loop_config.get("mlflow_uri"),
+                      resumed is not None) if rank == 0 else None
 
     total_steps = cfg.train.epochs * steps_per_epoch
     warmup_steps = int(cfg.train.warmup_epochs * steps_per_epoch)
@@ -174,7 +199,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     stop = False
     while epoch < cfg.train.epochs and not stop:
-        phase = curriculum.at(epoch / cfg.train.epochs)
+        phase = curriculum.at(training_progress(epoch * steps_per_epoch, total_steps, 0,
+                                                _shared_elapsed(started, world, device), budget_s))
         model.train()
         balancer.train()
         sums: dict[str, float] = {}
@@ -185,8 +211,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                             local_shuffle_seed=cfg.train.seed + 1000 * epoch + rank):
             step += 1
             _inject_fault(cfg, step, rank, fault_marker)
+            elapsed = _shared_elapsed(started, world, device)
+            progress = training_progress(step - 1, total_steps, warmup_steps, elapsed, budget_s)
             for group in optimizer.param_groups:
-                group["lr"] = phase.lr * lr_factor(step - 1, total_steps, warmup_steps)
+                group["lr"] = phase.lr * lr_factor(step - 1, warmup_steps, progress)
             batch = to_model_batch(raw, schema, device)
             with autocast():
                 out = model(batch.image, batch.clinical, phase.cross, batch.voxel_volume)
@@ -213,15 +241,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) * batch.size
                 counts[name] = counts.get(name, 0) + batch.size
             cases += batch.size
-            if time.perf_counter() - started > budget_s:
+            if elapsed > budget_s:
                 stop = True  # the budget is spent: validate and checkpoint this partial epoch, then end
                 break
         train_seconds = time.perf_counter() - epoch_started
         epoch_losses = _all_mean({k: sums[k] / counts[k] for k in sums}, world)
         balancer.epoch_end({k: v for k, v in epoch_losses.items() if not math.isnan(v)})
 
-        batches = (to_model_batch(raw, schema, device) for raw in val_shard.iter_batches(
+        shares = (_validation_rows(raw, rank, world) for raw in val_shard.iter_batches(
             batch_size=cfg.train.batch_size, batch_format="numpy"))
+        batches = (to_model_batch(share, schema, device) for share in shares if share is not None)
         records = predict_cases(_unwrap(model), batches, phase.cross, structures, spacing, autocast)
         if world > 1:
             gathered: list[list[dict[str, Any]]] = [[] for _ in range(world)]
@@ -237,15 +266,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics |= {f"train/{k}": v for k, v in epoch_losses.items()}
         metrics |= {f"weight/{k}": v for k, v in balancer.weights().items()}
         metrics |= {
-            "epoch": epoch, "step": step, "val/score": score, "lr": optimizer.param_groups[0]["lr"],
+            "epoch": epoch, "step": step, "nodes": nodes, "val/score": score, "lr": optimizer.param_groups[0]["lr"],
             "cross": phase.cross, "cases_per_s": world * cases / max(train_seconds, 1e-9), "elapsed_s": elapsed,
             "eta_s": elapsed / (epoch + 1) * (cfg.train.epochs - epoch - 1), "stopped": float(stop),
         }
-        if writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and not math.isnan(value):
-                    writer.add_scalar(key, value, epoch)
-            writer.flush()
+        if tracker is not None:
+            tracker.log(metrics, epoch)
         if rank == 0:
             print(epoch_line(metrics, cfg.train.epochs), flush=True)
             state = {
@@ -261,8 +287,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
         epoch += 1
-    if writer is not None:
-        writer.close()
+    if tracker is not None:
+        tracker.close()
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:

@@ -34,7 +34,8 @@ FAULT_MARKER = ".fault_injected"
 class TrainResult:
     run_dir: Path
     best_dir: Path
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # of the best checkpoint
+    final_metrics: dict[str, float]  # of the last epoch
 
 
 @dataclass
@@ -80,7 +81,7 @@ def _prepared_folder(cfg: Config) -> Path:
     return prepared
 
 
-def _clinical_schema(prepared: Path, train_ids: list[str]) -> ClinicalSchema:
+def fit_clinical_schema(prepared: Path, train_ids: list[str]) -> ClinicalSchema:
     """Standardisation and categories from the training subjects only (no peeking at validation)."""
     shards = prepared / SHARDS_DIR
     columns = [c for c in pq.read_schema(next(shards.glob("*.parquet"))).names if c.startswith(CLINICAL_PREFIX)]
@@ -100,6 +101,18 @@ def _check_resume(cfg: Config, run_dir: Path) -> None:
         raise ConfigError(f"train.resume=true, but {run_dir} holds a run of model {previous.model.variant} "
                           f"{previous.model.model_dump()} and this config asks for {cfg.model.variant} "
                           f"{cfg.model.model_dump()}: resume with the same model section or use a new train.name")
+
+
+def _mlflow_uri(cfg: Config, run_dir: Path, local: bool) -> str | None:
+    if not cfg.train.mlflow:
+        return None
+    if cfg.train.mlflow_tracking_uri:
+        return cfg.train.mlflow_tracking_uri
+    if not local:
+        raise ConfigError(f"train.mlflow=true with train.storage_path={cfg.train.storage_path}: set "
+                          f"train.mlflow_tracking_uri (a tracking server or a database) for a remote run")
+    run_dir.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
+    return f"sqlite:///{run_dir / 'mlflow.db'}"
 
 
 def run_training(cfg: Config, announce=print) -> TrainResult:
@@ -124,7 +137,7 @@ def run_training(cfg: Config, announce=print) -> TrainResult:
     if not train_ids or not val_ids:
         raise ConfigError(f"fold {cfg.train.fold} of {cfg.train.n_folds} leaves {len(train_ids)} training and "
                           f"{len(val_ids)} validation subjects; prepare more cases or lower train.n_folds")
-    schema = _clinical_schema(prepared, train_ids)
+    schema = fit_clinical_schema(prepared, train_ids)
     train_ds, val_ds = train_val_datasets(prepared, cfg.train)
     steps_per_epoch = math.ceil(len(train_ids) / cfg.train.workers / cfg.train.batch_size)
     trainer = TorchTrainer(
@@ -134,10 +147,11 @@ def run_training(cfg: Config, announce=print) -> TrainResult:
             "steps_per_epoch": steps_per_epoch, "threads": placement.threads_per_worker,
             "fault_marker": str(run_dir / FAULT_MARKER) if local else None,
             "tensorboard_dir": str(run_dir / "tensorboard") if local else None,
+            "mlflow_uri": _mlflow_uri(cfg, run_dir, local),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.workers, use_gpu=placement.use_gpu,
-            resources_per_worker={"CPU": placement.cpus_per_worker},
+            resources_per_worker={"CPU": placement.cpus_per_worker}, placement_strategy=cfg.train.placement,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.train.name,
@@ -148,6 +162,9 @@ def run_training(cfg: Config, announce=print) -> TrainResult:
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets={"train": train_ds, "val": val_ds},
+        # Training data is split equally (DDP needs the same number of steps on every rank);
+        # validation is read whole by each worker, which predicts its share (see the loop).
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     announce(f"training {cfg.model.variant} on {cfg.train.workers} worker(s) "
              f"({'GPU' if placement.use_gpu else 'CPU'}, {placement.cpus_per_worker:g} CPU and "
@@ -162,4 +179,4 @@ def run_training(cfg: Config, announce=print) -> TrainResult:
     best_dir.parent.mkdir(parents=True, exist_ok=True)
     with checkpoint.as_directory() as folder:
         export_checkpoint(Path(folder), best_dir)
-    return TrainResult(run_dir=run_dir, best_dir=best_dir, metrics=metrics)
+    return TrainResult(run_dir=run_dir, best_dir=best_dir, metrics=metrics, final_metrics=result.metrics or {})

@@ -1,0 +1,153 @@
+"""Batch inference and evaluation on Ray Data: a checkpoint over a folder, a manifest or an MSD dataset.
+
+Cases stream through a pool of Ray Data actors (``map_batches`` with an ``ActorPoolStrategy``), each
+holding one :class:`~jointray.inference.predictor.Predictor` — the model is loaded once per actor,
+not once per case. Each actor writes the predicted masks itself, in the input's own space, to
+``<out>/masks/<input file name>``; only small per-case rows travel back to the driver, which writes
+``<out>/cases.csv`` and ``<out>/summary.json``. Inputs that fail validation are reported there,
+never fatal. ``out`` must be writable from every node (a shared filesystem on a cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import ray
+import ray.data
+import torch
+
+from jointray.config import ConfigError, DataConfig
+from jointray.data.records import CaseRecord, Quarantined
+from jointray.data.sources import scan_path
+from jointray.inference.predictor import CasePrediction, Predictor
+from jointray.train.checkpoint import read_checkpoint
+from jointray.train.validation import validation_metrics
+
+MASKS_DIR = "masks"
+CASES_FILE = "cases.csv"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class EvaluationReport:
+    checkpoint: str
+    data: str
+    inputs: int
+    predicted: int
+    quarantined: list[Quarantined]
+    metrics: dict[str, float] = field(default_factory=dict)
+    out: str = ""
+    elapsed_s: float = 0.0
+
+    def to_json(self) -> str:
+        finite = {k: (v if math.isfinite(v) else None) for k, v in self.metrics.items()}
+        return json.dumps(asdict(self) | {"metrics": finite}, indent=2) + "\n"
+
+
+def mask_names(records: list[CaseRecord]) -> list[str]:
+    """``<input file name>`` per case (NIfTI inputs keep theirs; DICOM series become ``<subject>.nii.gz``);
+    names that would collide (same file name in two folders) are prefixed with the subject ID."""
+    names = []
+    for record in records:
+        image = Path(record.images[0])
+        names.append(image.name if image.name.endswith((".nii", ".nii.gz")) else f"{record.subject_id}.nii.gz")
+    counts = Counter(names)
+    return [n if counts[n] == 1 else f"{r.subject_id}__{n}" for r, n in zip(records, names)]
+
+
+def write_mask(prediction: CasePrediction, path: Path) -> None:
+    """The mask as NIfTI on the input image's grid (its affine), uint8, ready for ITK-SNAP or 3D Slicer."""
+    image = nib.Nifti1Image(prediction.mask, prediction.affine)
+    image.set_data_dtype(np.uint8)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, path)
+
+
+class PredictorActor:
+    """One Ray Data actor: a Predictor loaded once, applied to batches of serialised records."""
+
+    def __init__(self, checkpoint: str, masks_dir: str, threads: int):
+        torch.set_num_threads(threads)
+        self.predictor = Predictor(checkpoint)
+        self.masks_dir = Path(masks_dir)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        records = [CaseRecord.from_json(text) for text in batch["record"]]
+        rows = []
+        for result, name in zip(self.predictor.predict_batch(records), batch["mask_name"]):
+            if isinstance(result, Quarantined):
+                rows.append(json.dumps({"quarantined": asdict(result)}))
+                continue
+            row = result.row()
+            if result.mask is not None:
+                write_mask(result, self.masks_dir / str(name))
+                row["mask"] = str(self.masks_dir / str(name))
+            rows.append(json.dumps({"case": row}))
+        return {"result": np.array(rows, dtype=object)}
+
+
+def _pool_size(requested: int | None, n_cases: int) -> int:
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(requested or cpus, cpus, n_cases))
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, labels: str | Path | None = None,
+             workers: int | None = None, batch_size: int = 2) -> EvaluationReport:
+    """Run ``checkpoint`` over ``data`` (needs a Ray instance; ``ray.init`` done by the caller)."""
+    started = time.perf_counter()
+    loaded = read_checkpoint(checkpoint)  # a missing or corrupt checkpoint fails here, before any actor starts
+    cfg = loaded.config
+    data_cfg: DataConfig = cfg.data
+    scan = scan_path(Path(data), data_cfg, None if labels is None else Path(labels))
+    if not scan.records and not scan.rejected:
+        raise ConfigError(f"no cases found in {data}")
+    out = Path(out)
+    masks_dir = out / MASKS_DIR
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    quarantined = list(scan.rejected)
+    if scan.records:
+        pool = _pool_size(workers, len(scan.records))
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        items = [{"record": r.to_json(), "mask_name": n} for r, n in zip(scan.records, mask_names(scan.records))]
+        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * pool))
+        results = ds.map_batches(
+            PredictorActor,
+            fn_constructor_kwargs={"checkpoint": str(Path(checkpoint).resolve()), "masks_dir": str(masks_dir.resolve()),
+                                   "threads": max(1, int(cpus // pool))},
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=pool),
+            num_cpus=1,
+            num_gpus=1 if gpus >= pool else 0,
+        )
+        for text in results.to_pandas()["result"]:
+            payload = json.loads(text)
+            if "quarantined" in payload:
+                quarantined.append(Quarantined(**payload["quarantined"]))
+            else:
+                rows.append(payload["case"])
+    rows.sort(key=lambda r: r["subject_id"])
+    quarantined.sort(key=lambda q: (q.stage, q.path))
+    pd.DataFrame(rows).to_csv(out / CASES_FILE, index=False)
+    structures = {k: v for k, v in data_cfg.label_names.items() if k != 0}
+    metrics: dict[str, float] = {}
+    if rows:
+        summary = validation_metrics(rows, structures, cfg.model.cdr_classes)
+        metrics = {k.removeprefix("val/"): v for k, v in summary.items()}
+        volumes = [k for k in rows[0] if k.startswith(("volume/", "volume_ref/"))]
+        metrics |= {f"mean_{k}_mm3": float(np.mean([r[k] for r in rows])) for k in volumes}
+    report = EvaluationReport(checkpoint=str(checkpoint), data=str(data), inputs=len(scan.records) + len(scan.rejected),
+                              predicted=len(rows), quarantined=quarantined, metrics=metrics, out=str(out),
+                              elapsed_s=round(time.perf_counter() - started, 2))
+    (out / SUMMARY_FILE).write_text(report.to_json())
+    return report
