@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -22,12 +23,20 @@ def _root() -> None:
     """jointray: joint segmentation and clinical outcome learning for 3D medical imaging on Ray."""
 
 
-def _config(path: Path | None, overrides: list[str] | None) -> Config:
+@contextmanager
+def _usage_errors(*kinds: type[Exception]):
+    """A request that cannot run (bad config, missing data or checkpoint) ends the command with its
+    message and exit code 2, not a traceback."""
     try:
-        return load_config(path, overrides or [])
-    except ConfigError as exc:
+        yield
+    except (ConfigError, *kinds) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+
+
+def _config(path: Path | None, overrides: list[str] | None) -> Config:
+    with _usage_errors():
+        return load_config(path, overrides or [])
 
 
 def _print_prepare_report(report) -> None:
@@ -66,11 +75,8 @@ def prepare(
 
     cfg = _config(config, overrides)
     init_ray(cfg.ray)
-    try:
+    with _usage_errors():
         report = prepare_dataset(cfg)
-    except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     _print_prepare_report(report)
     if report.prepared == 0:
         console.print("[red]error:[/red] nothing usable remains; see the report")
@@ -92,11 +98,8 @@ def train(
 
     cfg = _config(config, overrides)
     init_ray(cfg.ray)
-    try:
+    with _usage_errors():
         result = run_training(cfg, announce=console.print)
-    except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     console.print(summary_table(result.metrics, f"jointray train: {cfg.train.name} (best checkpoint)"))
     console.print(f"best checkpoint: {result.best_dir}")
 
@@ -132,11 +135,8 @@ def evaluate(
     from jointray.train.checkpoint import CheckpointError
 
     init_ray(RayConfig())
-    try:
+    with _usage_errors(CheckpointError):
         report = run_evaluation(checkpoint, data, out, labels=labels, workers=workers, batch_size=batch_size)
-    except (ConfigError, CheckpointError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     _print_evaluation(report)
     if report.predicted == 0:
         console.print("[red]error:[/red] no input could be predicted; see the summary")
@@ -167,11 +167,8 @@ def demo(
     report = prepare_dataset(cfg)
     _print_prepare_report(report)
     console.rule("2/3 train")
-    try:
+    with _usage_errors():
         result = run_training(cfg, announce=console.print)
-    except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     console.print(summary_table(result.metrics, f"jointray train: {cfg.train.name} (best checkpoint)"))
     console.rule("3/3 evaluate on held-out subjects")
     s = cfg.data.synthetic
@@ -191,11 +188,8 @@ def model_summary(
     from jointray.models.summary import summarise
 
     cfg = _config(config, overrides)
-    try:
+    with _usage_errors(ValueError):
         summary = summarise(cfg)
-    except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     table = Table(title=f"jointray model: {summary.variant}", show_header=False)
     table.add_row("parameters", f"{summary.parameters:,}")
     table.add_row("input (one case)", str(summary.input_shape))

@@ -278,6 +278,9 @@ class TrainConfig(_Section):
         "auto", description="auto: bf16 autocast on GPUs that support it, fp16 + GradScaler on older GPUs, "
         "fp32 on CPU (bf16 autocast measured slower than fp32 for 3D convolutions on CPU)"
     )
+    channels_last: bool = Field(
+        True, description="channels-last memory layout for the 3D convolutions (faster on CPU and GPU)"
+    )
     workers: int = Field(1, ge=1)
     placement: Literal["PACK", "SPREAD"] = Field(
         "PACK", description="PACK: workers on as few nodes as possible (fast DDP); SPREAD: one per node where possible"

@@ -1,5 +1,7 @@
 """The model family: shapes, gradients, Monte Carlo dropout, and that v2 can learn."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from jointray.data.clinical import CategoricalFeature, ClinicalInput, ClinicalSc
 from jointray.losses.joint import JointLoss, Targets
 from jointray.models import build_model, mc_sample
 from jointray.models.joint import VARIANTS
+from jointray.models.layout import image_in_layout, to_layout
 
 SHAPE = (32, 32, 32)
 SMALL = {"channels": (8, 16, 32)}
@@ -216,3 +219,29 @@ def test_v2_overfits_eight_synthetic_subjects(tmp_path):
         if dice > 0.9 and mae < 1.0:
             break
     assert dice > 0.9 and mae < 1.0, (step, dice, mae)
+
+
+
+@pytest.mark.parametrize("variant", ["v2", "dv"])
+def test_channels_last_layout_computes_the_same_outputs_and_gradients(variant):
+    """The layout is a speed choice only: the same outputs and gradients as PyTorch's default layout."""
+    torch.manual_seed(0)
+    image, clinical, channels = _inputs(variant)
+    model = build_model(ModelConfig(variant=variant, dropout=0.0, head_dropout=0.0, **SMALL), channels, SCHEMA)
+    twin = to_layout(copy.deepcopy(model), channels_last=True)
+    conv = next(m for m in twin.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d) and not conv.weight.is_contiguous()
+    outputs = []
+    for net, x in ((model, image), (twin, image_in_layout(image, channels_last=True))):
+        out = net(x, clinical)
+        total = sum(t.float().mean() for t in out.seg) + sum(v.float().sum() for v in out.outcomes.values())
+        total.backward()
+        outputs.append((out, {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    (out_a, grads_a), (out_b, grads_b) = outputs
+    for a, b in zip(out_a.seg, out_b.seg):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    for name in out_a.outcomes:
+        torch.testing.assert_close(out_b.outcomes[name], out_a.outcomes[name], rtol=1e-4, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-3, atol=1e-5, msg=name)

@@ -37,6 +37,7 @@ from jointray.data.validate import load_case
 from jointray.losses.ordinal import class_to_cdr
 from jointray.metrics import segmentation_metrics
 from jointray.models import build_model
+from jointray.models.layout import image_in_layout, to_layout
 from jointray.precision import autocast_for
 from jointray.train.checkpoint import read_checkpoint
 from jointray.train.curriculum import Curriculum
@@ -105,7 +106,8 @@ class Predictor:
         loaded = read_checkpoint(checkpoint, map_location=self.device)
         self.checkpoint = Path(checkpoint)
         self.config, self.spec, self.schema = loaded.config, loaded.spec, loaded.schema
-        self.model = build_model(self.config.model, self.spec.channels, self.schema).to(self.device)
+        self.model = to_layout(build_model(self.config.model, self.spec.channels, self.schema).to(self.device),
+                               self.config.train.channels_last)
         self.model.load_state_dict(loaded.state["model"])
         self.model.eval()
         # The cross-task strength the checkpoint was validated with (the curriculum's at its epoch).
@@ -146,7 +148,8 @@ class Predictor:
     @torch.no_grad()
     def _forward(self, prepared: list, records: list[CaseRecord]) -> list[tuple[np.ndarray | None, dict[str, float]]]:
         """(mask on the prepared grid, outcome predictions) per case."""
-        image = torch.from_numpy(np.stack([p.image for p in prepared])).to(self.device)
+        image = image_in_layout(torch.from_numpy(np.stack([p.image for p in prepared])).to(self.device),
+                                self.config.train.channels_last)
         clinical = self.schema.encode(clinical_columns(records, self.schema), len(records)).to(self.device)
         voxel_volume = torch.tensor([abs(np.linalg.det(p.geometry.affine[:3, :3])) for p in prepared],
                                     dtype=torch.float32, device=self.device)

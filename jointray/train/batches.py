@@ -9,6 +9,7 @@ import torch
 
 from jointray.data.clinical import ClinicalInput, ClinicalSchema
 from jointray.losses.joint import Targets
+from jointray.models.layout import image_in_layout
 
 
 @dataclass
@@ -24,9 +25,11 @@ class ModelBatch:
         return self.image.shape[0]
 
 
-def to_model_batch(batch: dict[str, np.ndarray], schema: ClinicalSchema, device: torch.device | str) -> ModelBatch:
+def to_model_batch(batch: dict[str, np.ndarray], schema: ClinicalSchema, device: torch.device | str,
+                   channels_last: bool = False) -> ModelBatch:
     """Convert one ``iter_batches(batch_format="numpy")`` batch; clinical strings are encoded here,
-    since ``iter_torch_batches`` cannot carry string columns."""
+    since ``iter_torch_batches`` cannot carry string columns. ``channels_last``: the image in the
+    layout of a model converted by :func:`jointray.models.layout.to_layout`."""
     size = len(batch["subject_id"])
 
     def floats(name: str) -> torch.Tensor:
@@ -35,7 +38,7 @@ def to_model_batch(batch: dict[str, np.ndarray], schema: ClinicalSchema, device:
     affine = np.asarray(batch["affine"], np.float64).reshape(size, 4, 4)
     voxel_volume = np.abs(np.linalg.det(affine[:, :3, :3]))
     return ModelBatch(
-        image=torch.as_tensor(np.asarray(batch["image"], np.float32), device=device),
+        image=image_in_layout(torch.as_tensor(np.asarray(batch["image"], np.float32), device=device), channels_last),
         clinical=schema.encode(batch, size).to(device),
         targets=Targets(
             label=torch.as_tensor(np.asarray(batch["label"], np.int64), device=device),

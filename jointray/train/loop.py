@@ -29,6 +29,7 @@ from jointray.data.clinical import ClinicalSchema
 from jointray.losses.joint import JointLoss
 from jointray.models import build_model
 from jointray.models.joint import JointModel
+from jointray.models.layout import to_layout
 from jointray.precision import autocast_for
 from jointray.train.balancing import LossBalancer, make_balancer
 from jointray.train.batches import to_model_batch
@@ -159,7 +160,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     nodes = _node_count(world)
 
-    model = build_model(cfg.model, spec.channels, schema)
+    model = to_layout(build_model(cfg.model, spec.channels, schema), cfg.train.channels_last)
     tasks = _tasks(model)
     shared = list(model.encoder.levels[-1].parameters()) if model.encoder is not None else list(
         model.to_hidden.parameters())
@@ -215,7 +216,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             progress = training_progress(step - 1, total_steps, warmup_steps, elapsed, budget_s)
             for group in optimizer.param_groups:
                 group["lr"] = phase.lr * lr_factor(step - 1, warmup_steps, progress)
-            batch = to_model_batch(raw, schema, device)
+            batch = to_model_batch(raw, schema, device, cfg.train.channels_last)
             with autocast():
                 out = model(batch.image, batch.clinical, phase.cross, batch.voxel_volume)
             losses = loss_fn(out, batch.targets)
@@ -250,7 +251,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         shares = (_validation_rows(raw, rank, world) for raw in val_shard.iter_batches(
             batch_size=cfg.train.batch_size, batch_format="numpy"))
-        batches = (to_model_batch(share, schema, device) for share in shares if share is not None)
+        batches = (to_model_batch(share, schema, device, cfg.train.channels_last) for share in shares
+                   if share is not None)
         records = predict_cases(_unwrap(model), batches, phase.cross, structures, spacing, autocast)
         if world > 1:
             gathered: list[list[dict[str, Any]]] = [[] for _ in range(world)]
