@@ -28,17 +28,16 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
-import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from jointray.config import load_config  # noqa: E402
 from jointray.data.prepare import prepare_dataset  # noqa: E402
-from jointray.data.shards import SHARDS_DIR  # noqa: E402
-from jointray.data.streaming import split_subjects  # noqa: E402
+from jointray.data.streaming import split_subjects, subjects_dataset  # noqa: E402
 from jointray.losses.joint import JointLoss  # noqa: E402
 from jointray.models import build_model  # noqa: E402
+from jointray.models.layout import to_layout  # noqa: E402
 from jointray.precision import autocast_for  # noqa: E402
 from jointray.runtime import init_ray  # noqa: E402
 from jointray.train.batches import to_model_batch  # noqa: E402
@@ -54,14 +53,11 @@ def plain_loop(cfg, precision: str, epochs: int) -> float:
     prepared = Path(cfg.data.output)
     train_ids, _ = split_subjects(prepared, cfg.train.n_folds, cfg.train.fold, cfg.train.seed)
     schema = fit_clinical_schema(prepared, train_ids)
-    table = pq.read_table(prepared / SHARDS_DIR)
-    rows = table.take([i for i, s in enumerate(table["subject_id"].to_pylist()) if s in set(train_ids)])
-    batches = []
-    for start in range(0, rows.num_rows, cfg.train.batch_size):
-        part = rows.slice(start, cfg.train.batch_size)
-        batches.append(to_model_batch({c: part[c].to_numpy(zero_copy_only=False) for c in part.column_names},
-                                      schema, "cpu"))
-    model = build_model(cfg.model, 1, schema)
+    # Read once through the same Ray Dataset the trainer streams, then kept in memory as model batches.
+    batches = [to_model_batch(raw, schema, "cpu", cfg.train.channels_last) for raw in
+               subjects_dataset(prepared, train_ids).iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy")]
+    cases = sum(b.size for b in batches)
+    model = to_layout(build_model(cfg.model, 1, schema), cfg.train.channels_last)
     loss_fn = JointLoss(cfg.model, cfg.train.loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     autocast, _ = autocast_for(precision, torch.device("cpu"))
@@ -79,7 +75,7 @@ def plain_loop(cfg, precision: str, epochs: int) -> float:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
         if epoch:
-            timed_cases += rows.num_rows
+            timed_cases += cases
             timed_s += time.perf_counter() - started
     return timed_cases / timed_s
 

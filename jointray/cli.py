@@ -127,6 +127,7 @@ def evaluate(
     labels: Path = typer.Option(None, "--labels", help="for a NIfTI folder: reference labels under the same names"),
     workers: int = typer.Option(None, "--workers", help="Ray Data actors (default: one per CPU)"),
     batch_size: int = typer.Option(2, "--batch-size", min=1),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="test-time mirroring along the axes training mirrored"),
 ) -> None:
     """Run a checkpoint over a dataset on Ray Data: masks in each input's own space, per-case CSV, JSON summary."""
     from jointray.config import RayConfig
@@ -136,7 +137,8 @@ def evaluate(
 
     init_ray(RayConfig())
     with _usage_errors(CheckpointError):
-        report = run_evaluation(checkpoint, data, out, labels=labels, workers=workers, batch_size=batch_size)
+        report = run_evaluation(checkpoint, data, out, labels=labels, workers=workers, batch_size=batch_size,
+                                tta=tta)
     _print_evaluation(report)
     if report.predicted == 0:
         console.print("[red]error:[/red] no input could be predicted; see the summary")

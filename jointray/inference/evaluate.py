@@ -46,6 +46,7 @@ class EvaluationReport:
     quarantined: list[Quarantined]
     metrics: dict[str, float] = field(default_factory=dict)
     out: str = ""
+    tta: bool = True
     elapsed_s: float = 0.0
 
     def to_json(self) -> str:
@@ -75,9 +76,9 @@ def write_mask(prediction: CasePrediction, path: Path) -> None:
 class PredictorActor:
     """One Ray Data actor: a Predictor loaded once, applied to batches of serialised records."""
 
-    def __init__(self, checkpoint: str, masks_dir: str, threads: int):
+    def __init__(self, checkpoint: str, masks_dir: str, threads: int, tta: bool):
         torch.set_num_threads(threads)
-        self.predictor = Predictor(checkpoint)
+        self.predictor = Predictor(checkpoint, tta=tta)
         self.masks_dir = Path(masks_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -101,8 +102,9 @@ def _pool_size(requested: int | None, n_cases: int) -> int:
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, labels: str | Path | None = None,
-             workers: int | None = None, batch_size: int = 2) -> EvaluationReport:
-    """Run ``checkpoint`` over ``data`` (needs a Ray instance; ``ray.init`` done by the caller)."""
+             workers: int | None = None, batch_size: int = 2, tta: bool = True) -> EvaluationReport:
+    """Run ``checkpoint`` over ``data`` (needs a Ray instance; ``ray.init`` done by the caller);
+    ``tta``: test-time mirroring (see :class:`~jointray.inference.predictor.Predictor`)."""
     started = time.perf_counter()
     loaded = read_checkpoint(checkpoint)  # a missing or corrupt checkpoint fails here, before any actor starts
     cfg = loaded.config
@@ -124,7 +126,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, labels: 
         results = ds.map_batches(
             PredictorActor,
             fn_constructor_kwargs={"checkpoint": str(Path(checkpoint).resolve()), "masks_dir": str(masks_dir.resolve()),
-                                   "threads": max(1, int(cpus // pool))},
+                                   "threads": max(1, int(cpus // pool)), "tta": tta},
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=pool),
             num_cpus=1,
@@ -147,7 +149,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, labels: 
         volumes = [k for k in rows[0] if k.startswith(("volume/", "volume_ref/"))]
         metrics |= {f"mean_{k}_mm3": float(np.mean([r[k] for r in rows])) for k in volumes}
     report = EvaluationReport(checkpoint=str(checkpoint), data=str(data), inputs=len(scan.records) + len(scan.rejected),
-                              predicted=len(rows), quarantined=quarantined, metrics=metrics, out=str(out),
+                              predicted=len(rows), quarantined=quarantined, metrics=metrics, out=str(out), tta=tta,
                               elapsed_s=round(time.perf_counter() - started, 2))
     (out / SUMMARY_FILE).write_text(report.to_json())
     return report

@@ -20,6 +20,7 @@ serving deployment runs one per replica. Both call :meth:`Predictor.predict_batc
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jointray.config import Config
 from jointray.data.clinical import ClinicalSchema
 from jointray.data.errors import InputError
 from jointray.data.preprocess import Geometry, preprocess_case, restore_to_original
@@ -98,10 +100,26 @@ def clinical_columns(records: list[CaseRecord], schema: ClinicalSchema) -> dict[
     return columns
 
 
-class Predictor:
-    """A checkpoint ready to predict. ``device`` defaults to CUDA when available."""
+def mirror_sets(config: Config) -> list[tuple[int, ...]]:
+    """Tensor dims (of a (B, C, X, Y, Z) batch) to flip for test-time mirroring: every non-empty subset
+    of the axes that training mirrored (``train.augment.flip_axes``), none if it never mirrored."""
+    augment = config.train.augment
+    if not (augment.enabled and augment.flip_prob > 0):
+        return []
+    dims = [2 + axis for axis in sorted(set(augment.flip_axes))]
+    return [combo for k in range(1, len(dims) + 1) for combo in itertools.combinations(dims, k)]
 
-    def __init__(self, checkpoint: str | Path, device: str | torch.device | None = None):
+
+class Predictor:
+    """A checkpoint ready to predict. ``device`` defaults to CUDA when available.
+
+    ``tta``: test-time mirroring, as nnU-Net does — the class probabilities are averaged over the
+    image and its mirror images along the axes training mirrored (one extra pass for the default
+    left-right flip). It costs a forward pass per mirror image and gains a few thousandths of Dice.
+    Outcome predictions come from the unmirrored pass.
+    """
+
+    def __init__(self, checkpoint: str | Path, device: str | torch.device | None = None, tta: bool = True):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         loaded = read_checkpoint(checkpoint, map_location=self.device)
         self.checkpoint = Path(checkpoint)
@@ -115,6 +133,7 @@ class Predictor:
             "cross", Curriculum(self.config.train.curriculum, lr=self.config.train.lr).at(1.0).cross))
         self.structures = {k: v for k, v in self.config.data.label_names.items() if k != 0}
         self.autocast, _ = autocast_for(self.config.train.precision, self.device)
+        self.mirrors = mirror_sets(self.config) if tta else []
 
     def predict(self, record: CaseRecord) -> CasePrediction | Quarantined:
         return self.predict_batch([record])[0]
@@ -155,7 +174,13 @@ class Predictor:
                                     dtype=torch.float32, device=self.device)
         with self.autocast():
             out = self.model(image, clinical, self.cross, voxel_volume)
-        masks = out.seg[0].float().argmax(1).to(torch.uint8).cpu().numpy() if out.seg is not None else None
+            masks = None
+            if out.seg is not None:
+                probabilities = out.seg[0].float().softmax(1)
+                for dims in self.mirrors:
+                    mirrored = self.model(image.flip(dims), clinical, self.cross, voxel_volume).seg[0]
+                    probabilities += mirrored.float().softmax(1).flip(dims)
+                masks = probabilities.argmax(1).to(torch.uint8).cpu().numpy()
         outcomes: list[dict[str, float]] = [{} for _ in prepared]
         for name in ("mmse", "risk"):
             if name in out.outcomes:
