@@ -297,6 +297,9 @@ class TrainConfig(_Section):
         default_factory=lambda: {"val/dice": 1.0, "val/mmse_mae": -0.02, "val/cdr_qwk": 0.2, "val/c_index": 0.2},
         description="combined validation score = Σ weight · metric over the metrics a run has (higher is better)",
     )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="Ray Train's own log lines on the console; the epoch lines are printed at any level"
+    )
     mlflow: bool = Field(False, description="log parameters and per-epoch metrics to MLflow as well as TensorBoard")
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; null: a local SQLite file, <storage_path>/<name>/mlflow.db"

@@ -160,6 +160,7 @@ def run_training(cfg: Config, announce=print) -> TrainResult:
                 num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="val/score",
                 checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level=cfg.train.log_level),
         ),
         datasets={"train": train_ds, "val": val_ds},
         # Training data is split equally (DDP needs the same number of steps on every rank);
