@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
+
+# Ray Data's per-operator progress bars, redrawn by every training worker and by Ray Train's split
+# coordinator, bury the one line per epoch that a person reads. Ray Data reads this when it is first
+# imported and ships the driver's DataContext to every task, so it must be set before that import.
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Ray Train's print patch would send each epoch line twice (stdout and its log) on a local instance,
+# whose processes inherit this environment.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 import typer
 from rich.console import Console

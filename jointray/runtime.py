@@ -23,11 +23,7 @@ def init_ray(cfg: RayConfig) -> None:
     if address:  # a cluster (or a submitted job) keeps the environment its owner gave it
         ray.init(address=address, logging_config=logging_config)
         return
-    # Ray Data's per-operator progress bars, printed by every training worker, bury the one line per
-    # epoch that a person reads; the pipeline still logs its progress to the Ray logs.
-    quiet = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # With the dashboard (on the loopback address only): Ray Train's placement-group cleaner asks the
     # State API, served by the dashboard, whether the run is alive; without it it logs a warning
     # every second of training.
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", logging_config=logging_config,
-             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": quiet}})
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", logging_config=logging_config)

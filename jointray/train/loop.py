@@ -9,6 +9,7 @@ a checkpoint from rank 0 — to Ray Train. A restarted worker resumes from the l
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -144,8 +145,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(state["python"]), None))
 
 
+def _quiet_worker_logs(level: str) -> None:
+    """``train.log_level`` for the loggers that print on every epoch from inside a worker: Ray Data's
+    (dataset execution lines) and Ray Train 2.60's report log, which records the whole metrics dict
+    at INFO from a logger named by its file path — out of reach of ``ray.train.LoggingConfig``."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    for name in ("ray.data", train_context.__file__):
+        logging.getLogger(name).setLevel(level)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = Config.model_validate_json(loop_config["config"])
+    _quiet_worker_logs(cfg.train.log_level)
     spec = PreprocessSpec.model_validate_json(loop_config["spec"])
     schema = ClinicalSchema.model_validate_json(loop_config["schema"])
     steps_per_epoch: int = loop_config["steps_per_epoch"]
