@@ -110,6 +110,18 @@ def mirror_sets(config: Config) -> list[tuple[int, ...]]:
     return [combo for k in range(1, len(dims) + 1) for combo in itertools.combinations(dims, k)]
 
 
+def mirrored_probabilities(model, logits: torch.Tensor, image: torch.Tensor, clinical, cross: float,
+                           voxel_volume: torch.Tensor, mirrors: list[tuple[int, ...]]) -> torch.Tensor:
+    """Class probabilities (B, K, X, Y, Z) summed over ``image`` (whose ``logits`` are given) and its
+    mirror images, each mapped back; the sum, not the mean, since only its argmax is used. Over a
+    full set of mirrors the result is exactly equivariant: mirroring the input mirrors the output."""
+    probabilities = logits.float().softmax(1)
+    for dims in mirrors:
+        mirrored = model(image.flip(dims), clinical, cross, voxel_volume).seg[0]
+        probabilities = probabilities + mirrored.float().softmax(1).flip(dims)
+    return probabilities
+
+
 class Predictor:
     """A checkpoint ready to predict. ``device`` defaults to CUDA when available.
 
@@ -176,10 +188,8 @@ class Predictor:
             out = self.model(image, clinical, self.cross, voxel_volume)
             masks = None
             if out.seg is not None:
-                probabilities = out.seg[0].float().softmax(1)
-                for dims in self.mirrors:
-                    mirrored = self.model(image.flip(dims), clinical, self.cross, voxel_volume).seg[0]
-                    probabilities += mirrored.float().softmax(1).flip(dims)
+                probabilities = mirrored_probabilities(self.model, out.seg[0], image, clinical, self.cross,
+                                                       voxel_volume, self.mirrors)
                 masks = probabilities.argmax(1).to(torch.uint8).cpu().numpy()
         outcomes: list[dict[str, float]] = [{} for _ in prepared]
         for name in ("mmse", "risk"):
