@@ -58,12 +58,13 @@ def training_progress(step: int, total_steps: int, warmup_steps: int, elapsed_s:
     return min(1.0, max(by_steps, elapsed_s / budget_s))
 
 
-def _shared_elapsed(started: float, world: int, device: torch.device) -> float:
+def _shared_elapsed(started: float, world: int, device: torch.device, budget_s: float) -> float:
     """Seconds since ``started``, the same on every rank (the slowest clock), so that every worker
     takes the same learning rate, curriculum phase and decision to stop — a rank that stopped alone
-    would leave the others waiting in DDP's all-reduce forever."""
+    would leave the others waiting in DDP's all-reduce forever. Without a budget the clock decides
+    nothing, and each rank keeps its own (no extra all-reduce per step)."""
     elapsed = time.perf_counter() - started
-    if world == 1:
+    if world == 1 or not math.isfinite(budget_s):
         return elapsed
     value = torch.tensor([elapsed], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
@@ -213,7 +214,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stop = False
     while epoch < cfg.train.epochs and not stop:
         phase = curriculum.at(training_progress(epoch * steps_per_epoch, total_steps, 0,
-                                                _shared_elapsed(started, world, device), budget_s))
+                                                _shared_elapsed(started, world, device, budget_s), budget_s))
         model.train()
         balancer.train()
         sums: dict[str, float] = {}
@@ -224,7 +225,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                             local_shuffle_seed=cfg.train.seed + 1000 * epoch + rank):
             step += 1
             _inject_fault(cfg, step, rank, fault_marker)
-            elapsed = _shared_elapsed(started, world, device)
+            elapsed = _shared_elapsed(started, world, device, budget_s)
             progress = training_progress(step - 1, total_steps, warmup_steps, elapsed, budget_s)
             for group in optimizer.param_groups:
                 group["lr"] = phase.lr * lr_factor(step - 1, warmup_steps, progress)
