@@ -224,27 +224,40 @@ def test_v2_overfits_eight_synthetic_subjects(tmp_path):
 
 @pytest.mark.parametrize("variant", ["v2", "dv"])
 def test_channels_last_layout_computes_the_same_outputs_and_gradients(variant):
-    """The layout is a speed choice only: the same outputs and gradients as PyTorch's default layout."""
+    """The layout is a speed choice only: the outputs and gradients of PyTorch's default layout, to fp32 rounding.
+
+    Both fp32 layouts are compared with the same model in float64. Gradients of PReLU slopes and of
+    biases are sums over every voxel with heavy cancellation, so elementwise tolerances on them measure
+    the kernels' summation order, not the layout; each gradient tensor is held to 0.5 % of its norm
+    (a wrong layout, e.g. permuted weights, errs by order 100 %), the outputs elementwise. Biases that
+    an instance norm follows have zero gradient in exact arithmetic, so there the bound is 1e-5 of the
+    largest gradient's norm.
+    """
     torch.manual_seed(0)
     image, clinical, channels = _inputs(variant)
     model = build_model(ModelConfig(variant=variant, dropout=0.0, head_dropout=0.0, **SMALL), channels, SCHEMA)
     twin = to_layout(copy.deepcopy(model), channels_last=True)
     conv = next(m for m in twin.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d) and not conv.weight.is_contiguous()
-    outputs = []
-    for net, x in ((model, image), (twin, image_in_layout(image, channels_last=True))):
-        out = net(x, clinical)
-        total = sum(t.float().mean() for t in out.seg) + sum(v.float().sum() for v in out.outcomes.values())
+    clinical64 = ClinicalInput(numeric=clinical.numeric.double(), missing=clinical.missing,
+                               categorical=clinical.categorical)
+    runs = []
+    for net, x, record in ((copy.deepcopy(model).double(), image.double(), clinical64), (model, image, clinical),
+                           (twin, image_in_layout(image, channels_last=True), clinical)):
+        out = net(x, record)
+        total = sum(t.double().mean() for t in out.seg) + sum(v.double().sum() for v in out.outcomes.values())
         total.backward()
-        outputs.append((out, {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
-    (out_a, grads_a), (out_b, grads_b) = outputs
+        runs.append((out, {n: p.grad.double() for n, p in net.named_parameters() if p.grad is not None}))
+    (_, grads_ref), (out_a, grads_a), (out_b, grads_b) = runs
     for a, b in zip(out_a.seg, out_b.seg):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     for name in out_a.outcomes:
         torch.testing.assert_close(out_b.outcomes[name], out_a.outcomes[name], rtol=1e-4, atol=1e-5)
-    assert grads_a.keys() == grads_b.keys()
-    for name, grad in grads_a.items():
-        torch.testing.assert_close(grads_b[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    assert grads_ref.keys() == grads_a.keys() == grads_b.keys()
+    floor = 1e-5 * max(ref.norm() for ref in grads_ref.values())
+    for grads in (grads_a, grads_b):
+        for name, ref in grads_ref.items():
+            assert (grads[name] - ref).norm() <= 5e-3 * ref.norm() + floor, name
 
 
 def test_test_time_mirroring_is_exactly_equivariant():
