@@ -154,6 +154,10 @@ class ModelConfig(_Section):
         (16, 32, 64, 128), description="encoder channels per level; each level after the first halves the grid"
     )
     num_classes: int = Field(3, ge=2, description="segmentation classes, background included")
+    full_res_channels: int = Field(4, ge=1, description="decoder channels at full resolution")
+    full_res_unit: bool = Field(
+        False, description="a residual unit at full resolution before a 1x1x1 classifier (else one 3x3x3 classifier)"
+    )
     dropout: float = Field(0.1, ge=0, lt=1, description="spatial (channel) dropout in the encoder: MC samples")
     head_dropout: float = Field(0.2, ge=0, lt=1, description="dropout in the outcome heads: MC samples")
     clinical_dim: int = Field(32, ge=4, description="width of the clinical embedding and tokens")

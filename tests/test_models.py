@@ -222,8 +222,12 @@ def test_v2_overfits_eight_synthetic_subjects(tmp_path):
 
 
 
-@pytest.mark.parametrize("variant", ["v2", "dv"])
-def test_channels_last_layout_computes_the_same_outputs_and_gradients(variant):
+FULL_RES_UNIT = {"full_res_channels": 8, "full_res_unit": True}
+
+
+@pytest.mark.parametrize("variant,stage", [("v2", {}), ("dv", {}), ("v2", FULL_RES_UNIT)],
+                         ids=["v2", "dv", "v2-full-res-unit"])
+def test_channels_last_layout_computes_the_same_outputs_and_gradients(variant, stage):
     """The layout is a speed choice only: the outputs and gradients of PyTorch's default layout, to fp32 rounding.
 
     Both fp32 layouts are compared with the same model in float64. Gradients of PReLU slopes and of
@@ -235,7 +239,7 @@ def test_channels_last_layout_computes_the_same_outputs_and_gradients(variant):
     """
     torch.manual_seed(0)
     image, clinical, channels = _inputs(variant)
-    model = build_model(ModelConfig(variant=variant, dropout=0.0, head_dropout=0.0, **SMALL), channels, SCHEMA)
+    model = build_model(ModelConfig(variant=variant, dropout=0.0, head_dropout=0.0, **SMALL, **stage), channels, SCHEMA)
     twin = to_layout(copy.deepcopy(model), channels_last=True)
     conv = next(m for m in twin.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d) and not conv.weight.is_contiguous()

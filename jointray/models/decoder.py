@@ -7,12 +7,6 @@ from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.nets.attentionunet import AttentionBlock
 from torch import nn
 
-#: Channels of the full-resolution output stage: few, because every voxel of it costs (few-channel
-#: 3D convolutions are also the least efficient kind on CPUs). With bf16 autocast, 8 channels and a
-#: residual unit here cost about what 4 channels and no unit cost in fp32 (v2, 48×64×48, this CPU).
-FULL_RES_CHANNELS = 8
-
-
 def _up(in_channels: int, out_channels: int) -> Convolution:
     return Convolution(3, in_channels, out_channels, strides=2, kernel_size=2, is_transposed=True,
                        norm="INSTANCE", padding=0, output_padding=0)
@@ -46,9 +40,11 @@ class SegmentationDecoder(nn.Module):
     """Decode an encoder pyramid to class logits at full, 1/2 and 1/4 resolution (deep supervision).
 
     The encoder's finest level is at 1/2 resolution; a transposed convolution brings the decoder to
-    full resolution with a few channels, where the input image is concatenated back in and one
-    residual unit refines boundaries at full resolution (thin structures such as the hippocampal tail
-    are 2–3 voxels across) before a 1×1×1 classifier.
+    full resolution with ``full_res_channels`` channels, where the input image is concatenated back in
+    (boundary detail at full resolution). Then either one 3×3×3 classifier (as cheap as MONAI UNet's top
+    level) or, with ``full_res_unit``, one residual unit at full resolution and a 1×1×1 classifier: more
+    capacity where thin structures (the hippocampal tail is 2–3 voxels across) are decided, at a cost
+    (every full-resolution voxel counts; few-channel 3D convolutions are the least efficient kind on CPUs).
 
     ``gates`` (optional) are per-level channel multipliers (B, C_level) from the outcome branch
     (outcome → segmentation interaction); 1 everywhere means no effect.
@@ -58,15 +54,22 @@ class SegmentationDecoder(nn.Module):
     features (B, c_0, X/2, ...) used for structure pooling.
     """
 
-    def __init__(self, channels: tuple[int, ...], in_channels: int, num_classes: int, attention_gates: bool):
+    def __init__(self, channels: tuple[int, ...], in_channels: int, num_classes: int, attention_gates: bool,
+                 full_res_channels: int = 4, full_res_unit: bool = False):
         super().__init__()
         self.levels = nn.ModuleList(
             DecoderLevel(channels[i + 1], channels[i], attention_gates) for i in reversed(range(len(channels) - 1))
         )
-        self.to_full = _up(channels[0], FULL_RES_CHANNELS)
-        self.refine = ResidualUnit(3, FULL_RES_CHANNELS + in_channels, FULL_RES_CHANNELS, subunits=1, norm="INSTANCE")
+        self.to_full = _up(channels[0], full_res_channels)
+        merged = full_res_channels + in_channels
+        if full_res_unit:
+            self.refine = ResidualUnit(3, merged, full_res_channels, subunits=1, norm="INSTANCE")
+            classifier = nn.Conv3d(full_res_channels, num_classes, kernel_size=1)
+        else:
+            self.refine = nn.Identity()
+            classifier = nn.Conv3d(merged, num_classes, kernel_size=3, padding=1)
         self.heads = nn.ModuleList([
-            nn.Conv3d(FULL_RES_CHANNELS, num_classes, kernel_size=1),
+            classifier,
             nn.Conv3d(channels[0], num_classes, kernel_size=1),
             nn.Conv3d(channels[1], num_classes, kernel_size=1),
         ])

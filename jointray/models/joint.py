@@ -84,7 +84,8 @@ class JointModel(nn.Module):
         if self.uses_image:
             self.encoder = (DualViewEncoder(in_channels, channels, spec.squeeze_excite, cfg.dropout) if spec.dual_view
                             else ImageEncoder(in_channels, channels, spec.squeeze_excite, cfg.dropout))
-        self.decoder = SegmentationDecoder(channels, in_channels, cfg.num_classes, spec.attention_gates) if spec.segmentation else None
+        self.decoder = SegmentationDecoder(channels, in_channels, cfg.num_classes, spec.attention_gates,
+                                           cfg.full_res_channels, cfg.full_res_unit) if spec.segmentation else None
         self.film = self.cross_attention = None
         if self.uses_image and spec.clinical_fusion:
             self.film = FiLM(channels[-1], cfg.clinical_dim)
