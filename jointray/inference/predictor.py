@@ -125,7 +125,7 @@ def mirrored_probabilities(model, logits: torch.Tensor, image: torch.Tensor, cli
 class Predictor:
     """A checkpoint ready to predict. ``device`` defaults to CUDA when available.
 
-    ``tta``: test-time mirroring, as nnU-Net does — the class probabilities are averaged over the
+    ``tta``: test-time mirroring, as nnU-Net does — the class probabilities are combined over the
     image and its mirror images along the axes training mirrored (one extra pass for the default
     left-right flip). It costs a forward pass per mirror image and gains a few thousandths of Dice.
     Outcome predictions come from the unmirrored pass.

@@ -7,6 +7,7 @@ from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.nets.attentionunet import AttentionBlock
 from torch import nn
 
+
 def _up(in_channels: int, out_channels: int) -> Convolution:
     return Convolution(3, in_channels, out_channels, strides=2, kernel_size=2, is_transposed=True,
                        norm="INSTANCE", padding=0, output_padding=0)
