@@ -37,7 +37,7 @@ from jointray.data.sources import scan_msd  # noqa: E402
 from jointray.data.streaming import split_subjects  # noqa: E402
 from jointray.inference.evaluate import evaluate  # noqa: E402
 from jointray.runtime import init_ray  # noqa: E402
-from jointray.train.checkpoint import read_checkpoint  # noqa: E402
+from jointray.artifacts import read_checkpoint  # noqa: E402
 from jointray.train.trainer import run_training  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

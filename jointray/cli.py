@@ -142,7 +142,7 @@ def evaluate(
     from jointray.config import RayConfig
     from jointray.inference.evaluate import evaluate as run_evaluation
     from jointray.runtime import init_ray
-    from jointray.train.checkpoint import CheckpointError
+    from jointray.artifacts import CheckpointError
 
     init_ray(RayConfig())
     with _usage_errors(CheckpointError):

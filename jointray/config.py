@@ -327,10 +327,71 @@ class TuneConfig(_Section):
     num_samples: int = Field(8, ge=1)
 
 
+class InferenceConfig(_Section):
+    """How a trained model predicts (see :mod:`jointray.inference`): ``evaluate``, ``predict`` and the server."""
+
+    mirror: bool = Field(True, description="test-time mirroring along the axes training mirrored")
+    mc_samples: int = Field(
+        20, ge=1, description="Monte Carlo dropout samples per case by default; 1 = one deterministic pass"
+    )
+    mc_mode: Literal["full", "decoder", "heads"] = Field(
+        "decoder", description="what Monte Carlo dropout re-samples: the whole network, everything after the "
+        "image encoder, or the outcome heads only"
+    )
+    max_mc_samples: int = Field(100, ge=1, description="the most samples a request may ask for")
+    chunk_cases: int = Field(
+        8, ge=1, description="at most this many (sample x case) items per forward call: bounds memory"
+    )
+    overlap: float = Field(0.5, ge=0, lt=1, description="sliding window: overlap of neighbouring windows")
+    sigma_scale: float = Field(
+        0.125, gt=0, description="sliding window: Gaussian weight sigma as a fraction of the window size"
+    )
+    review_entropy: float = Field(
+        0.3, gt=0, description="needs_review when the mean predictive entropy (nats) inside a structure exceeds this"
+    )
+    interval: float = Field(0.9, gt=0, lt=1, description="central probability of the reported intervals")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU; "
+        "never inherited from training"
+    )
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> InferenceConfig:
+        if self.mc_samples > self.max_mc_samples:
+            raise ValueError(f"mc_samples={self.mc_samples} must be <= max_mc_samples={self.max_mc_samples}")
+        return self
+
+
 class ServeConfig(_Section):
-    host: str = "127.0.0.1"
+    """The Ray Serve application (see :mod:`jointray.serve`)."""
+
+    host: str = Field("127.0.0.1", description="address the HTTP proxy binds to; 0.0.0.0 exposes it")
     port: int = Field(8000, ge=1, le=65535)
-    mc_samples: int = Field(20, ge=1)
+    replicas: int = Field(1, ge=1, description="model replicas when autoscaling is off")
+    autoscale: bool = Field(False, description="autoscale the model replicas between min_replicas and max_replicas")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0, description="autoscaling target per replica")
+    max_batch_size: int = Field(8, ge=1, description="cases per batched forward pass")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="how long a batch waits to fill")
+    max_ongoing_requests: int = Field(16, ge=1, description="per model replica; at least max_batch_size")
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs reserved per model replica")
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions share one)")
+    ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress (decode, validate, resample)")
+    ingress_cpus: float = Field(0.5, gt=0, description="CPUs reserved per ingress replica")
+    max_upload_mb: float = Field(256.0, gt=0, description="largest upload accepted (and largest unzipped series)")
+    api_key_env: str | None = Field(
+        None, description="environment variable holding the API key; null: no key is asked for"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests={self.max_ongoing_requests} must be >= max_batch_size="
+                             f"{self.max_batch_size}, or batches never fill")
+        if self.autoscale and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} must be <= max_replicas={self.max_replicas}")
+        return self
 
 
 class RayConfig(_Section):
@@ -346,6 +407,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     tune: TuneConfig = TuneConfig()
+    inference: InferenceConfig = InferenceConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
 

@@ -134,7 +134,7 @@ def test_one_request_at_a_time_gives_what_the_batch_gave(checkpoint, tmp_path):
 
 
 def test_missing_or_corrupt_checkpoints_fail_first(checkpoint, tmp_path):
-    from jointray.train.checkpoint import CheckpointError
+    from jointray.artifacts import CheckpointError
 
     with pytest.raises(CheckpointError, match="not a complete jointray checkpoint"):
         evaluate(tmp_path / "nothing", tmp_path, tmp_path / "out")

@@ -266,22 +266,23 @@ def test_channels_last_layout_computes_the_same_outputs_and_gradients(variant, s
 
 def test_test_time_mirroring_is_exactly_equivariant():
     """Mirroring the input mirrors the mirrored-and-averaged prediction; without mirrors it is the softmax."""
-    from jointray.config import Config
-    from jointray.inference.predictor import mirror_sets, mirrored_probabilities
+    import contextlib
+
+    from jointray.inference.forward import ForwardSettings, deterministic_probabilities, mirror_sets
 
     torch.manual_seed(0)
     image, clinical, channels = _inputs("v2")
     model = build_model(ModelConfig(variant="v2", **SMALL), channels, SCHEMA).eval()
-    mirrors = mirror_sets(Config())  # training mirrors left-right (RAS axis 0) by default
+    mirrors = mirror_sets([0])  # training mirrors left-right (RAS axis 0) by default
     assert mirrors == [(2,)]
-    assert mirror_sets(load_config(None, ["train.augment.enabled=false"])) == []
-    assert len(mirror_sets(load_config(None, ["train.augment.flip_axes=[0,2]"]))) == 3
+    assert mirror_sets([]) == []
+    assert mirror_sets([0, 2]) == [(2,), (4,), (2, 4)]
 
-    def predict(x):
-        with torch.no_grad():
-            return mirrored_probabilities(model, model(x, clinical).seg[0], x, clinical, 1.0, None, mirrors)
+    def predict(x, mirrors):
+        settings = ForwardSettings(cross=1.0, mirrors=mirrors, chunk_cases=8, autocast=contextlib.nullcontext,
+                                   channels_last=False)
+        return deterministic_probabilities(model, x, clinical, torch.ones(x.shape[0]), settings)
 
-    torch.testing.assert_close(predict(image.flip(2)), predict(image).flip(2), rtol=0, atol=1e-6)
+    torch.testing.assert_close(predict(image.flip(2), mirrors), predict(image, mirrors).flip(2), rtol=0, atol=1e-6)
     with torch.no_grad():
-        plain = mirrored_probabilities(model, model(image, clinical).seg[0], image, clinical, 1.0, None, [])
-        torch.testing.assert_close(plain, model(image, clinical).seg[0].softmax(1))
+        torch.testing.assert_close(predict(image, []), model(image, clinical).seg[0].softmax(1))

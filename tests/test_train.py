@@ -10,7 +10,7 @@ import torch
 
 from jointray.config import ConfigError, load_config
 from jointray.data.prepare import prepare_dataset
-from jointray.train.checkpoint import STATE_FILE, CheckpointError, export_checkpoint, read_checkpoint
+from jointray.artifacts import STATE_FILE, CheckpointError, export_checkpoint, read_checkpoint
 from jointray.train.trainer import FAULT_MARKER, plan_placement, run_training
 
 #: Small and fast: 20 synthetic subjects, 48³, augmentation off so two runs with one seed are comparable.

@@ -95,7 +95,8 @@ def _normalise(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return np.asarray(transform(image), dtype=np.float32)
 
 
-def _crop_starts(shape: tuple[int, ...], spec: PreprocessSpec, label: np.ndarray | None) -> tuple[int, int, int]:
+def _crop_starts(shape: tuple[int, ...], spec: PreprocessSpec, label: np.ndarray | None,
+                 keep_whole: bool = False) -> tuple[int, int, int]:
     centre = np.array(shape, dtype=np.float64) / 2.0
     if spec.crop_center == "label" and label is not None and label.any():
         nonzero = np.nonzero(label)
@@ -104,6 +105,8 @@ def _crop_starts(shape: tuple[int, ...], spec: PreprocessSpec, label: np.ndarray
     for n, t, c in zip(shape, spec.target_shape, centre):
         if n <= t:
             starts.append(-((t - n) // 2))
+        elif keep_whole:
+            starts.append(0)
         else:
             starts.append(int(np.clip(round(c - t / 2.0), 0, n - t)))
     return tuple(starts)
@@ -133,8 +136,14 @@ def _unwindow(array: np.ndarray, starts: tuple[int, ...], shape: tuple[int, ...]
     return out
 
 
-def preprocess_case(image: np.ndarray, label: np.ndarray | None, affine: np.ndarray, spec: PreprocessSpec) -> Prepared:
-    """Apply the spec to one case; see the module docstring for the steps and shapes."""
+def preprocess_case(image: np.ndarray, label: np.ndarray | None, affine: np.ndarray, spec: PreprocessSpec,
+                    keep_whole: bool = False) -> Prepared:
+    """Apply the spec to one case; see the module docstring for the steps and shapes.
+
+    ``keep_whole``: an axis longer than ``target_shape`` is kept whole instead of cropped (inference over
+    inputs larger than the training window); shorter axes are still padded, so every axis of the output
+    is at least ``target_shape``.
+    """
     original_shape = tuple(int(n) for n in image.shape[1:])
     to_ras = ornt_lib.ornt_transform(ornt_lib.io_orientation(affine), ornt_lib.axcodes2ornt("RAS"))
     ras_affine = affine @ ornt_lib.inv_ornt_aff(to_ras, original_shape)
@@ -152,7 +161,8 @@ def preprocess_case(image: np.ndarray, label: np.ndarray | None, affine: np.ndar
         ras_affine = _scale_affine(ras_affine, ras_shape, resampled_shape)
 
     image = _normalise(image, spec)
-    starts = _crop_starts(resampled_shape, spec, label)
+    starts = _crop_starts(resampled_shape, spec, label, keep_whole)
+    size = tuple(max(n, t) for n, t in zip(resampled_shape, spec.target_shape)) if keep_whole else spec.target_shape
     shift = np.eye(4)
     shift[:3, 3] = starts
     geometry = Geometry(
@@ -164,9 +174,9 @@ def preprocess_case(image: np.ndarray, label: np.ndarray | None, affine: np.ndar
     )
     out_label, lost = None, 0
     if label is not None:
-        out_label = _window(label, starts, spec.target_shape, 0)
+        out_label = _window(label, starts, size, 0)
         lost = int(np.count_nonzero(label)) - int(np.count_nonzero(out_label))
-    out_image = _window(image, starts, spec.target_shape, spec.pad_value).astype(np.float32)
+    out_image = _window(image, starts, size, spec.pad_value).astype(np.float32)
     return Prepared(image=out_image, label=out_label, geometry=geometry, label_voxels_cropped=lost)
 
 

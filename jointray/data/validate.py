@@ -80,12 +80,21 @@ def load_case(record: CaseRecord, label_values: set[int], max_voxels: int, chann
             record.images[0], f"{len(record.images)} image(s) given but preprocess.channels is {channels}"
         )
     volumes = [read_volume(p, max_voxels) for p in record.images]
+    label_volume = read_volume(record.label, max_voxels) if record.label is not None else None
+    return check_case(record, volumes, label_volume, label_values, channels)
+
+
+def check_case(record: CaseRecord, volumes: list[Volume], label_volume: Volume | None, label_values: set[int],
+               channels: int) -> LoadedCase:
+    """Check volumes already in memory (read from files, or handed over as arrays) as :func:`load_case` does."""
     arrays = [_channels_first(v, channels if len(volumes) == 1 else 1) for v in volumes]
     reference, ref_shape = volumes[0], arrays[0].shape[1:]
     for volume, array in zip(volumes, arrays):
         _check_finite(array, volume.path)
         if volume is not reference:
             _check_grid(reference, ref_shape, volume, array.shape[1:], "image")
+        if volume.affine.shape != (4, 4) or not np.all(np.isfinite(volume.affine)):
+            raise InputError(volume.path, "affine is not a finite 4x4 matrix")
         if np.linalg.matrix_rank(volume.affine[:3, :3]) < 3:
             raise InputError(volume.path, "affine is singular: voxel axes do not span 3D space")
     image = np.concatenate(arrays).astype(np.float32)
@@ -93,10 +102,9 @@ def load_case(record: CaseRecord, label_values: set[int], max_voxels: int, chann
         raise InputError(reference.path, f"has {image.shape[0]} channel(s) but preprocess.channels is {channels}")
     for c, channel in enumerate(image):
         if float(channel.max()) == float(channel.min()):
-            raise InputError(record.images[min(c, len(record.images) - 1)], f"image is constant (value {channel.flat[0]:g})")
+            raise InputError(volumes[min(c, len(volumes) - 1)].path, f"image is constant (value {channel.flat[0]:g})")
     label = None
-    if record.label is not None:
-        label_volume = read_volume(record.label, max_voxels)
+    if label_volume is not None:
         label = _label_array(label_volume, label_values)
         _check_grid(reference, ref_shape, label_volume, label.shape, "label")
     return LoadedCase(record=record, image=image, label=label, affine=reference.affine)

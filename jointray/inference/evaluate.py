@@ -25,12 +25,12 @@ import ray
 import ray.data
 import torch
 
+from jointray.artifacts import load_model
 from jointray.config import ConfigError, DataConfig
 from jointray.data.records import CaseRecord, Quarantined
 from jointray.data.sources import scan_path
 from jointray.inference.predictor import CasePrediction, Predictor
-from jointray.train.checkpoint import read_checkpoint
-from jointray.train.validation import validation_metrics
+from jointray.metrics.cohort import validation_metrics
 
 MASKS_DIR = "masks"
 CASES_FILE = "cases.csv"
@@ -78,7 +78,9 @@ class PredictorActor:
 
     def __init__(self, checkpoint: str, masks_dir: str, threads: int, tta: bool):
         torch.set_num_threads(threads)
-        self.predictor = Predictor(checkpoint, tta=tta)
+        predictor = Predictor(checkpoint)
+        self.predictor = Predictor(checkpoint, inference=predictor.inference.model_copy(update={"mirror": tta})) \
+            if predictor.inference.mirror != tta else predictor
         self.masks_dir = Path(masks_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -106,7 +108,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, labels: 
     """Run ``checkpoint`` over ``data`` (needs a Ray instance; ``ray.init`` done by the caller);
     ``tta``: test-time mirroring (see :class:`~jointray.inference.predictor.Predictor`)."""
     started = time.perf_counter()
-    loaded = read_checkpoint(checkpoint)  # a missing or corrupt checkpoint fails here, before any actor starts
+    loaded = load_model(checkpoint)  # a missing or corrupt checkpoint fails here, before any actor starts
     cfg = loaded.config
     data_cfg: DataConfig = cfg.data
     scan = scan_path(Path(data), data_cfg, None if labels is None else Path(labels))

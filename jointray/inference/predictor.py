@@ -1,27 +1,26 @@
-"""One trained checkpoint applied to raw cases, exactly as training saw them.
+"""One trained model applied to raw cases, exactly as training saw them, in three stages.
 
-A :class:`Predictor` loads a checkpoint folder (the model, the whole config, the PreprocessSpec and
-the clinical schema it was trained with) and turns :class:`~jointray.data.records.CaseRecord` s —
-paths to NIfTI/DICOM images, an optional label, clinical values, optional targets — into
-:class:`CasePrediction` s: the predicted label map on the input's own voxel grid, structure volumes
-in mm³, the outcome predictions, and, where a reference label or targets exist, the per-case
-metrics. Validation and preprocessing are the training code itself (``load_case``,
-``preprocess_case`` with the checkpoint's spec, ``restore_to_original``), so a served or evaluated
-case goes through exactly what the shards went through.
+A :class:`Predictor` loads a training checkpoint or an exported artifact (:mod:`jointray.artifacts`:
+the weights, the whole config, the PreprocessSpec and clinical schema it was trained with, and which
+outcome heads saw targets) and predicts in three stages that a server can run in different places:
 
-Inference never looks at a reference label to place the crop window: a case is cropped around the
-image centre (``preprocess_case(..., label=None)``); the label is only used to score the result.
-For volumes that fit ``preprocess.target_shape`` (MSD hippocampus, the synthetic cohort) the
-window is pure padding and this changes nothing.
+1. :meth:`Predictor.prepare` (CPU, :mod:`jointray.inference.cases`): a path, an upload's bytes, an
+   array with its affine or a source's record → validated, preprocessed :class:`PreparedCase`.
+2. :meth:`Predictor.forward` (the accelerator, :mod:`jointray.inference.forward`): a batch of prepared
+   cases → probabilities, uncertainty and outcome samples, one vectorised call.
+3. :meth:`Predictor.finish` (CPU): the class **probabilities** mapped back onto the input's own grid,
+   then the argmax (nnU-Net's order: a thin structure survives a change of spacing), volumes from the
+   input affine's |det| (right for sheared DICOM geometry too), MC statistics and intervals.
 
-Batch evaluation (:mod:`jointray.inference.evaluate`) runs one Predictor per Ray Data actor; the
-serving deployment runs one per replica. Both call :meth:`Predictor.predict_batch`.
+``evaluate``, ``jointray predict`` and the server all run these stages; :meth:`Predictor.predict_batch`
+composes them for batch evaluation. Inference precision is chosen for the device it runs on
+(``inference.precision``), never inherited from training.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,47 +28,81 @@ from typing import Any
 import numpy as np
 import torch
 
-from jointray.config import Config
-from jointray.data.clinical import ClinicalSchema
+from jointray.artifacts import load_model
+from jointray.config import InferenceConfig
 from jointray.data.errors import InputError
-from jointray.data.preprocess import Geometry, preprocess_case, restore_to_original
+from jointray.data.preprocess import restore_to_original
 from jointray.data.records import CaseRecord, Quarantined
 from jointray.data.shards import CLINICAL_PREFIX
-from jointray.data.validate import load_case
+from jointray.inference.cases import CasePreparer, PreparedCase
+from jointray.inference.forward import ForwardResult, ForwardSettings, mirror_sets, sliding_forward, window_forward
 from jointray.losses.ordinal import class_to_cdr
 from jointray.metrics import segmentation_metrics
-from jointray.models import build_model
+from jointray.models import MC_MODES, build_model
 from jointray.models.layout import image_in_layout, to_layout
 from jointray.precision import autocast_for
-from jointray.train.checkpoint import read_checkpoint
-from jointray.train.curriculum import Curriculum
+
+
+@dataclass
+class Estimate:
+    """A Monte Carlo estimate: the samples' mean and SD and a central interval of them; ``point`` is the
+    deterministic pass's value (the one that ``evaluate`` scores)."""
+
+    point: float
+    mean: float
+    std: float
+    interval: tuple[float, float]
+
+    @classmethod
+    def of(cls, point: float, samples: np.ndarray, level: float) -> Estimate:
+        samples = np.asarray(samples, dtype=np.float64)
+        tail = (1.0 - level) / 2.0
+        low, high = np.quantile(samples, [tail, 1.0 - tail])
+        return cls(point=float(point), mean=float(samples.mean()), std=float(samples.std()),
+                   interval=(float(low), float(high)))
 
 
 @dataclass
 class CasePrediction:
-    """What the model says about one case. ``mask`` is (X, Y, Z) uint8 on the input image's grid
-    (``affine``), or None for a model without a segmentation head."""
+    """What the model says about one case.
 
-    record: CaseRecord
+    ``mask`` (X, Y, Z) uint8 and ``entropy`` (X, Y, Z) float32 on the input image's grid (``affine``), or
+    None for a model without segmentation. ``volumes_mm3``: the mask's structure volumes;
+    ``volume_estimates``: their MC estimates; ``outcomes``: point predictions under the keys ``evaluate``
+    reports (``pred_mmse``, ``pred_cdr``, ``pred_cdr_stage``, ``pred_risk``); ``outcome_estimates``:
+    ``mmse`` and ``risk`` as :class:`Estimate`, ``cdr`` as stage → mean probability; ``uncertainty``:
+    mean entropy and mutual information inside each predicted structure.
+    """
+
+    record: CaseRecord | None
+    name: str
     mask: np.ndarray | None
     affine: np.ndarray
+    entropy: np.ndarray | None = None
     volumes_mm3: dict[str, float] = field(default_factory=dict)
+    volume_estimates: dict[str, Estimate] = field(default_factory=dict)
     outcomes: dict[str, float] = field(default_factory=dict)
+    outcome_estimates: dict[str, Any] = field(default_factory=dict)
+    uncertainty: dict[str, dict[str, float]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    path: str = "window"
+    mc_samples: int = 1
+    mc_mode: str = "heads"
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         """One flat per-case row: volumes, predictions, targets, errors and metrics (NaN = not available).
 
-        The keys ``has_label``, ``dice/<s>``, ``hd95/<s>``, ``pred_mmse``, ``pred_cdr`` (class),
-        ``pred_risk``, ``mmse``, ``cdr``, ``time``, ``event`` are those that
-        :func:`jointray.train.validation.validation_metrics` summarises.
+        The keys are those that :func:`jointray.metrics.cohort.validation_metrics` summarises.
         """
-        row: dict[str, Any] = {"subject_id": self.record.subject_id, "image": self.record.images[0],
-                               "has_label": self.record.label is not None}
+        record = self.record
+        row: dict[str, Any] = {"subject_id": record.subject_id if record else self.name,
+                               "image": record.images[0] if record else self.name,
+                               "has_label": bool(record and record.label is not None)}
         row |= {f"volume/{name}": v for name, v in self.volumes_mm3.items()}
         row |= self.outcomes
         for name in ("mmse", "cdr", "time", "event"):
-            value = self.record.targets.get(name)
+            value = record.targets.get(name) if record else None
             row[name] = math.nan if value is None else float(value)
         if "pred_mmse" in row:
             row["mmse_abs_error"] = abs(row["pred_mmse"] - row["mmse"])
@@ -78,143 +111,190 @@ class CasePrediction:
         return row | self.metrics
 
 
-def clinical_columns(records: list[CaseRecord], schema: ClinicalSchema) -> dict[str, Any]:
-    """The ``clin_*`` columns that :meth:`ClinicalSchema.encode` reads, built from raw record values.
-
-    A clinical variable the checkpoint never saw is ignored; one it expects but a record lacks is
-    missing (normal in clinical data). A numeric variable holding text is an :class:`InputError`.
-    """
+def clinical_columns(cases: list[PreparedCase], schema) -> dict[str, Any]:
+    """The ``clin_*`` columns that :meth:`ClinicalSchema.encode` reads, from the cases' checked clinical values."""
     columns: dict[str, Any] = {}
     for feature in schema.numeric:
-        values = []
-        for record in records:
-            raw = record.clinical.get(feature.name)
-            try:
-                values.append(math.nan if raw is None else float(raw))
-            except (TypeError, ValueError):
-                raise InputError(record.images[0], f"clinical {feature.name}={raw!r} is not a number") from None
-        columns[CLINICAL_PREFIX + feature.name] = np.asarray(values, np.float64)
+        values = [case.clinical.get(feature.name) for case in cases]
+        columns[CLINICAL_PREFIX + feature.name] = np.asarray([math.nan if v is None else v for v in values], np.float64)
     for feature in schema.categorical:
-        values = [record.clinical.get(feature.name) for record in records]
-        columns[CLINICAL_PREFIX + feature.name] = [None if v is None else str(v) for v in values]
+        columns[CLINICAL_PREFIX + feature.name] = [case.clinical.get(feature.name) for case in cases]
     return columns
 
 
-def mirror_sets(config: Config) -> list[tuple[int, ...]]:
-    """Tensor dims (of a (B, C, X, Y, Z) batch) to flip for test-time mirroring: every non-empty subset
-    of the axes that training mirrored (``train.augment.flip_axes``), none if it never mirrored."""
-    augment = config.train.augment
-    if not (augment.enabled and augment.flip_prob > 0):
-        return []
-    dims = [2 + axis for axis in sorted(set(augment.flip_axes))]
-    return [combo for k in range(1, len(dims) + 1) for combo in itertools.combinations(dims, k)]
-
-
-def mirrored_probabilities(model, logits: torch.Tensor, image: torch.Tensor, clinical, cross: float,
-                           voxel_volume: torch.Tensor, mirrors: list[tuple[int, ...]]) -> torch.Tensor:
-    """Class probabilities (B, K, X, Y, Z) summed over ``image`` (whose ``logits`` are given) and its
-    mirror images, each mapped back; the sum, not the mean, since only its argmax is used. Over a
-    full set of mirrors the result is exactly equivariant: mirroring the input mirrors the output."""
-    probabilities = logits.float().softmax(1)
-    for dims in mirrors:
-        mirrored = model(image.flip(dims), clinical, cross, voxel_volume).seg[0]
-        probabilities = probabilities + mirrored.float().softmax(1).flip(dims)
-    return probabilities
-
-
 class Predictor:
-    """A checkpoint ready to predict. ``device`` defaults to CUDA when available.
+    """A trained model ready to predict; ``device`` defaults to CUDA when available.
 
-    ``tta``: test-time mirroring, as nnU-Net does — the class probabilities are combined over the
-    image and its mirror images along the axes training mirrored (one extra pass for the default
-    left-right flip). It costs a forward pass per mirror image and gains a few thousandths of Dice.
-    Outcome predictions come from the unmirrored pass.
+    ``inference`` overrides the checkpoint's ``inference`` section (mirroring, MC defaults and limits,
+    sliding-window overlap, precision). ``mirror=False`` is ``--no-tta``.
     """
 
-    def __init__(self, checkpoint: str | Path, device: str | torch.device | None = None, tta: bool = True):
+    def __init__(self, checkpoint: str | Path, device: str | torch.device | None = None,
+                 inference: InferenceConfig | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        loaded = read_checkpoint(checkpoint, map_location=self.device)
-        self.checkpoint = Path(checkpoint)
-        self.config, self.spec, self.schema = loaded.config, loaded.spec, loaded.schema
+        artifact = load_model(checkpoint, map_location=self.device)
+        self.artifact, self.checkpoint = artifact, Path(checkpoint)
+        self.config, self.spec, self.schema = artifact.config, artifact.spec, artifact.schema
+        self.inference = inference or self.config.inference
         self.model = to_layout(build_model(self.config.model, self.spec.channels, self.schema).to(self.device),
                                self.config.train.channels_last)
-        self.model.load_state_dict(loaded.state["model"])
+        self.model.load_state_dict(artifact.state_dict)
         self.model.eval()
-        # The cross-task strength the checkpoint was validated with (the curriculum's at its epoch).
-        self.cross = float(loaded.metrics.get(
-            "cross", Curriculum(self.config.train.curriculum, lr=self.config.train.lr).at(1.0).cross))
+        self.trained_heads = artifact.trained_heads
+        curriculum = self.config.train.curriculum
+        # The cross-task strength the checkpoint was validated with: the training loop reports it.
+        self.cross = float(artifact.metrics.get("cross", curriculum.phases[-1].cross if curriculum.enabled else 1.0))
         self.structures = {k: v for k, v in self.config.data.label_names.items() if k != 0}
-        self.autocast, _ = autocast_for(self.config.train.precision, self.device)
-        self.mirrors = mirror_sets(self.config) if tta else []
+        self.autocast, _ = autocast_for(self.inference.precision, self.device)
+        augment = self.config.train.augment
+        mirrored = self.inference.mirror and augment.enabled and augment.flip_prob > 0
+        self.settings = ForwardSettings(cross=self.cross, mirrors=mirror_sets(augment.flip_axes) if mirrored else [],
+                                        chunk_cases=self.inference.chunk_cases, autocast=self.autocast,
+                                        channels_last=self.config.train.channels_last)
+        self.preparer = CasePreparer(self.spec, self.schema, set(self.config.data.label_names),
+                                     self.config.data.max_voxels)
 
-    def predict(self, record: CaseRecord) -> CasePrediction | Quarantined:
-        return self.predict_batch([record])[0]
+    # -- stage 1 ---------------------------------------------------------------------------------------------
+    def prepare(self, source: CaseRecord | str | Path | bytes | tuple[np.ndarray, np.ndarray],
+                clinical: dict[str, Any] | None = None, name: str | None = None,
+                max_bytes: int | None = None) -> PreparedCase:
+        """Validate and preprocess one input (see :mod:`jointray.inference.cases`); raises InputError."""
+        if isinstance(source, CaseRecord):
+            return self.preparer.record(source)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return self.preparer.upload(bytes(source), name or "upload", clinical, max_bytes)
+        if isinstance(source, tuple):
+            return self.preparer.array(source[0], source[1], name or "array", clinical)
+        return self.preparer.path(source, clinical)
 
-    def predict_batch(self, records: list[CaseRecord]) -> list[CasePrediction | Quarantined]:
-        """Validate, preprocess and predict ``records`` in one forward pass; a case that fails
-        validation or preprocessing comes back as a :class:`Quarantined` in its place."""
-        results: list[CasePrediction | Quarantined | None] = [None] * len(records)
-        ready: list[tuple[int, Any, Any]] = []  # (index, loaded case, prepared case)
-        for i, record in enumerate(records):
-            try:
-                case = load_case(record, set(self.config.data.label_names), self.config.data.max_voxels,
-                                 self.spec.channels)
-                clinical_columns([record], self.schema)  # refuse bad clinical values per case
-            except InputError as exc:
-                results[i] = Quarantined(record.subject_id, exc.path, exc.reason, "validate")
-                continue
-            try:
-                prepared = preprocess_case(case.image, None, case.affine, self.spec)
-            except Exception as exc:  # one case that breaks preprocessing must not fail the others
-                results[i] = Quarantined(record.subject_id, record.images[0],
-                                         f"preprocessing failed ({type(exc).__name__}: {exc})", "preprocess")
-                continue
-            ready.append((i, case, prepared))
-        if ready:
-            for (i, case, prepared), prediction in zip(ready, self._forward([r for _, _, r in ready],
-                                                                            [records[i] for i, _, _ in ready])):
-                results[i] = self._finish(records[i], case, prepared.geometry, *prediction)
+    def check_mc(self, mc_samples: int | None, mc_mode: str | None) -> tuple[int, str]:
+        """The request's MC settings, defaulted from config and checked against its limits (ValueError)."""
+        samples = self.inference.mc_samples if mc_samples is None else mc_samples
+        mode = self.inference.mc_mode if mc_mode is None else mc_mode
+        if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= self.inference.max_mc_samples:
+            raise ValueError(f"mc_samples={samples!r}: expected an integer from 1 to {self.inference.max_mc_samples}")
+        if mode not in MC_MODES:
+            raise ValueError(f"mc_mode={mode!r}: expected one of {list(MC_MODES)}")
+        return samples, mode
+
+    # -- stage 2 ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, cases: list[PreparedCase], mc_samples: int | None = None,
+                mc_mode: str | None = None) -> list[ForwardResult]:
+        """Predict prepared cases: the window-shaped ones as one batch, larger ones by sliding window."""
+        samples, mode = self.check_mc(mc_samples, mc_mode)
+        results: list[ForwardResult | None] = [None] * len(cases)
+        windowed = [i for i, c in enumerate(cases) if c.path == "window"]
+        for i in (i for i, c in enumerate(cases) if c.path != "window"):
+            image, clinical, vv, inside = self._tensors([cases[i]])
+            results[i] = sliding_forward(self.model, image, clinical, vv, inside, tuple(self.spec.target_shape),
+                                         samples, mode, self.inference.overlap, self.inference.sigma_scale,
+                                         self.settings)
+        if windowed:
+            image, clinical, vv, inside = self._tensors([cases[i] for i in windowed])
+            for i, result in zip(windowed, window_forward(self.model, image, clinical, vv, inside, samples, mode,
+                                                          self.settings)):
+                results[i] = result
         return results  # type: ignore[return-value]
 
-    @torch.no_grad()
-    def _forward(self, prepared: list, records: list[CaseRecord]) -> list[tuple[np.ndarray | None, dict[str, float]]]:
-        """(mask on the prepared grid, outcome predictions) per case."""
-        image = image_in_layout(torch.from_numpy(np.stack([p.image for p in prepared])).to(self.device),
+    def _tensors(self, cases: list[PreparedCase]):
+        image = image_in_layout(torch.from_numpy(np.stack([c.image for c in cases])).to(self.device),
                                 self.config.train.channels_last)
-        clinical = self.schema.encode(clinical_columns(records, self.schema), len(records)).to(self.device)
-        voxel_volume = torch.tensor([abs(np.linalg.det(p.geometry.affine[:3, :3])) for p in prepared],
-                                    dtype=torch.float32, device=self.device)
-        with self.autocast():
-            out = self.model(image, clinical, self.cross, voxel_volume)
-            masks = None
-            if out.seg is not None:
-                probabilities = mirrored_probabilities(self.model, out.seg[0], image, clinical, self.cross,
-                                                       voxel_volume, self.mirrors)
-                masks = probabilities.argmax(1).to(torch.uint8).cpu().numpy()
-        outcomes: list[dict[str, float]] = [{} for _ in prepared]
-        for name in ("mmse", "risk"):
-            if name in out.outcomes:
-                for o, value in zip(outcomes, out.outcomes[name].float().cpu().tolist()):
-                    o[f"pred_{name}"] = value
-        if "cdr" in out.outcomes:
-            classes = (out.outcomes["cdr"].float() > 0).sum(-1).cpu()  # CORAL: count the exceeded thresholds
-            for o, c, stage in zip(outcomes, classes.tolist(), class_to_cdr(classes).tolist()):
-                o["pred_cdr"], o["pred_cdr_stage"] = float(c), stage
-        return [(None if masks is None else masks[k], outcomes[k]) for k in range(len(prepared))]
+        clinical = self.schema.encode(clinical_columns(cases, self.schema), len(cases)).to(self.device)
+        vv = torch.tensor([abs(np.linalg.det(c.geometry.affine[:3, :3])) for c in cases], dtype=torch.float32,
+                          device=self.device)
+        inside = torch.from_numpy(np.stack([self._inside(c) for c in cases])).to(self.device)
+        return image, clinical, vv, inside
 
-    def _finish(self, record: CaseRecord, case, geometry: Geometry, mask: np.ndarray | None,
-                outcomes: dict[str, float]) -> CasePrediction:
-        prediction = CasePrediction(record=record, mask=None, affine=geometry.original_affine, outcomes=outcomes)
-        if mask is None:
-            return prediction
-        prediction.mask = restore_to_original(mask, geometry, mode="nearest")
-        voxel_mm3 = float(np.prod(geometry.original_spacing))
+    # -- stage 3 ---------------------------------------------------------------------------------------------
+    def finish(self, case: PreparedCase, result: ForwardResult, samples: int, mode: str,
+               entropy_map: bool = False) -> CasePrediction:
+        """Map ``result`` back onto the input's grid and summarise it (see the module docstring)."""
+        started = time.perf_counter()
+        geometry, level = case.geometry, self.inference.interval
+        prediction = CasePrediction(record=case.record, name=case.name, mask=None, affine=geometry.original_affine,
+                                    path=result.path, mc_samples=samples, mc_mode=mode)
+        point, drawn = result.outcome_point, result.outcome_samples
+        for name in ("mmse", "risk"):
+            if name in point and name in self.trained_heads:
+                prediction.outcomes[f"pred_{name}"] = point[name]
+                prediction.outcome_estimates[name] = Estimate.of(point[name], drawn[name], level)
+        if "cdr_class" in point and "cdr" in self.trained_heads:
+            stage = float(class_to_cdr(torch.tensor([point["cdr_class"]]))[0])
+            prediction.outcomes |= {"pred_cdr": float(point["cdr_class"]), "pred_cdr_stage": stage}
+            stages = class_to_cdr(torch.arange(len(point["cdr_probabilities"]))).tolist()
+            mean = drawn["cdr"].mean(0)
+            prediction.outcome_estimates["cdr"] = {"stage": stage,
+                                                  "probabilities": {f"{s:g}": float(p) for s, p in zip(stages, mean)}}
+        if result.probabilities is not None:
+            self._finish_segmentation(case, result, prediction, entropy_map, level)
+        prediction.seconds = dict(case.seconds) | {"finish": time.perf_counter() - started}
+        return prediction
+
+    def _finish_segmentation(self, case: PreparedCase, result: ForwardResult, prediction: CasePrediction,
+                             entropy_map: bool, level: float) -> None:
+        geometry = case.geometry
+        prediction.mask = restore_to_original(result.probabilities, geometry, mode="linear").argmax(0).astype(np.uint8)
+        if entropy_map:
+            prediction.entropy = restore_to_original(result.entropy, geometry, mode="linear").astype(np.float32)
+        voxel_mm3 = abs(float(np.linalg.det(geometry.original_affine[:3, :3])))
         counts = np.bincount(prediction.mask.ravel(), minlength=max(self.structures) + 1)
-        prediction.volumes_mm3 = {name: float(counts[k]) * voxel_mm3 for k, name in self.structures.items()}
+        winner = np.where(self._inside(case), result.probabilities.argmax(0), 0)
+        for k, name in self.structures.items():
+            prediction.volumes_mm3[name] = float(counts[k]) * voxel_mm3
+            prediction.volume_estimates[name] = Estimate.of(prediction.volumes_mm3[name],
+                                                            result.sample_volumes[:, k - 1], level)
+            inside = winner == k
+            prediction.uncertainty[name] = {
+                "entropy": float(result.entropy[inside].mean()) if inside.any() else math.nan,
+                "mutual_information": float(result.mutual_information[inside].mean()) if inside.any() else math.nan,
+            }
         if case.label is not None:
+            spacing = geometry.original_spacing
             seg = segmentation_metrics(torch.from_numpy(prediction.mask[None]), torch.from_numpy(case.label[None]),
-                                       self.structures, geometry.original_spacing)
+                                       self.structures, spacing)
             prediction.metrics = {k: float(v[0]) for k, v in seg.items() if k.split("/")[0] in ("dice", "hd95")}
             ref = np.bincount(case.label.ravel(), minlength=max(self.structures) + 1)
             prediction.metrics |= {f"volume_ref/{name}": float(ref[k]) * voxel_mm3 for k, name in self.structures.items()}
-        return prediction
+
+    @staticmethod
+    def _inside(case: PreparedCase) -> np.ndarray:
+        g, shape = case.geometry, case.image.shape[1:]
+        inside = np.zeros(shape, dtype=bool)
+        inside[tuple(slice(max(0, -s), min(t, n - s)) for s, t, n in zip(g.crop_start, shape, g.resampled_shape))] = True
+        return inside
+
+    def review(self, prediction: CasePrediction) -> tuple[bool, list[str]]:
+        """Whether a person should look at this case, and why: a structure not found, or one whose mean
+        predictive entropy exceeds ``inference.review_entropy``."""
+        reasons = []
+        for name, volume in prediction.volumes_mm3.items():
+            if volume == 0:
+                reasons.append(f"{name}: not found")
+            elif prediction.uncertainty[name]["entropy"] > self.inference.review_entropy:
+                reasons.append(f"{name}: mean entropy {prediction.uncertainty[name]['entropy']:.3f} > "
+                               f"{self.inference.review_entropy:g}")
+        return bool(reasons), reasons
+
+    # -- all three, for batch evaluation ---------------------------------------------------------------------
+    def predict(self, record: CaseRecord) -> CasePrediction | Quarantined:
+        return self.predict_batch([record])[0]
+
+    def predict_batch(self, records: list[CaseRecord], mc_samples: int = 1,
+                      mc_mode: str | None = None) -> list[CasePrediction | Quarantined]:
+        """Prepare, predict and finish ``records``; a case that fails validation or preprocessing comes back
+        as a :class:`Quarantined` in its place. One deterministic pass per case unless ``mc_samples`` > 1."""
+        samples, mode = self.check_mc(mc_samples, mc_mode)
+        results: list[CasePrediction | Quarantined | None] = [None] * len(records)
+        ready: list[tuple[int, PreparedCase]] = []
+        for i, record in enumerate(records):
+            try:
+                ready.append((i, self.prepare(record)))
+            except InputError as exc:
+                stage = "preprocess" if exc.reason.startswith("preprocessing failed") else "validate"
+                results[i] = Quarantined(record.subject_id, exc.path, exc.reason, stage)
+        if ready:
+            outputs = self.forward([case for _, case in ready], samples, mode)
+            for (i, case), output in zip(ready, outputs):
+                results[i] = self.finish(case, output, samples, mode)
+        return results  # type: ignore[return-value]

@@ -1,6 +1,6 @@
 """The joint model family: shared 3D encoder, clinical encoder, fusion, segmentation decoder, outcome heads."""
 
 from jointray.models.joint import JointModel, JointOutput, build_model
-from jointray.models.mc import mc_sample
+from jointray.models.mc import MC_MODES, MCSampler, mc_sample
 
-__all__ = ["JointModel", "JointOutput", "build_model", "mc_sample"]
+__all__ = ["MC_MODES", "JointModel", "JointOutput", "MCSampler", "build_model", "mc_sample"]

@@ -55,6 +55,15 @@ class ImageEncoder(nn.Module):
             features.append(x)
         return features
 
+    def sample_dropout(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each level's dropout applied to that level's features (the identity in eval mode).
+
+        On features computed in eval mode this is Monte Carlo ``decoder`` mode's approximation of a full
+        stochastic pass: every level's output is dropped as in training, but each level reads its
+        predecessor's undropped (expected) output.
+        """
+        return [level.drop(f) for level, f in zip(self.levels, features)]
+
 
 class ConsensusFusion(nn.Module):
     """Fuse per-view features of one level into one map by a learned, voxel-wise soft consensus.
@@ -90,3 +99,7 @@ class DualViewEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         per_view = [enc(x[:, v : v + 1]) for v, enc in enumerate(self.encoders)]
         return [fuse([f[level] for f in per_view]) for level, fuse in enumerate(self.fusions)]
+
+    def sample_dropout(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`ImageEncoder.sample_dropout` on the fused features (every view drops at the same rate)."""
+        return self.encoders[0].sample_dropout(features)

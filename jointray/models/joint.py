@@ -115,19 +115,22 @@ class JointModel(nn.Module):
         return out
 
     def encode(self, image: torch.Tensor | None, clinical: ClinicalInput | None = None, cross: float = 1.0,
-               voxel_volume: torch.Tensor | None = None) -> JointOutput:
-        """Everything up to the outcome heads: segmentation logits and the hidden outcome representation."""
+               voxel_volume: torch.Tensor | None = None, features: list[torch.Tensor] | None = None) -> JointOutput:
+        """Everything up to the outcome heads: segmentation logits and the hidden outcome representation.
+
+        ``features``: the image encoder's output for ``image``, when the caller already has it (Monte Carlo
+        ``decoder`` mode runs the encoder once and samples dropout on its features).
+        """
         ref = image if image is not None else clinical.numeric
         batch, device = ref.shape[0], ref.device
         vector = tokens = None
         if self.clinical is not None:
             vector, tokens = self.clinical(clinical if clinical is not None else self.clinical.all_missing(batch, device))
-        features = None
-        if self.encoder is not None:
+        if self.encoder is not None and features is None:
             features = self.encoder(image)
-            if self.film is not None:
-                bottleneck = self.cross_attention(self.film(features[-1], vector), tokens)
-                features = [*features[:-1], bottleneck]
+        if features is not None and self.film is not None:
+            bottleneck = self.cross_attention(self.film(features[-1], vector), tokens)
+            features = [*features[:-1], bottleneck]
         if self.heads is None:
             logits, _ = self.decoder(features, image)
             return JointOutput(seg=logits)

@@ -25,20 +25,21 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from jointray.artifacts import read_checkpoint, write_checkpoint
 from jointray.config import Config, PreprocessSpec
 from jointray.data.clinical import ClinicalSchema
 from jointray.losses.joint import JointLoss
+from jointray.metrics.cohort import validation_metrics
 from jointray.models import build_model
 from jointray.models.joint import JointModel
 from jointray.models.layout import to_layout
 from jointray.precision import autocast_for
 from jointray.train.balancing import LossBalancer, make_balancer
 from jointray.train.batches import to_model_batch
-from jointray.train.checkpoint import read_checkpoint, write_checkpoint
 from jointray.train.curriculum import Curriculum
 from jointray.train.progress import epoch_line
 from jointray.train.tracking import Tracker
-from jointray.train.validation import combined_score, predict_cases, validation_metrics
+from jointray.train.validation import combined_score, predict_cases
 
 #: Cases kept in the local shuffle buffer of the training iterator.
 SHUFFLE_BUFFER = 16
@@ -296,7 +297,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "rng": _rng_state(),
             }
             with tempfile.TemporaryDirectory() as tmp:
-                write_checkpoint(Path(tmp) / "ckpt", state, cfg, spec, schema, _finite(metrics))
+                write_checkpoint(Path(tmp) / "ckpt", state, cfg, spec, schema, _finite(metrics),
+                                 loop_config["trained_heads"])
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(Path(tmp) / "ckpt")),
                                  checkpoint_dir_name=f"epoch_{epoch:04d}")
         else:

@@ -13,17 +13,18 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from jointray.artifacts import META_FILE, export_checkpoint, read_checkpoint
 from jointray.config import Config, ConfigError
 from jointray.data.clinical import ClinicalSchema
 from jointray.data.shards import CLINICAL_PREFIX, SHARDS_DIR, SPEC_FILE, read_spec
 from jointray.data.streaming import split_subjects, train_val_datasets
 from jointray.models import build_model
-from jointray.train.checkpoint import META_FILE, export_checkpoint, read_checkpoint
 from jointray.train.loop import train_loop_per_worker
 
 BEST_DIR = "best"
@@ -92,6 +93,17 @@ def fit_clinical_schema(prepared: Path, train_ids: list[str]) -> ClinicalSchema:
     return ClinicalSchema.fit({c: table[c].to_numpy(zero_copy_only=False) for c in columns})
 
 
+def heads_with_targets(prepared: Path, train_ids: list[str], heads: list[str]) -> list[str]:
+    """The configured outcome heads that some training subject has a target for (risk: an event)."""
+    table = pq.read_table(prepared / SHARDS_DIR, columns=["subject_id", "mmse", "cdr", "time", "event"])
+    keep = np.isin(np.asarray(table["subject_id"].to_pylist(), dtype=object), list(train_ids))
+    column = {name: table[name].to_numpy(zero_copy_only=False).astype(np.float64)[keep]
+              for name in ("mmse", "cdr", "time", "event")}
+    seen = {"mmse": bool(np.isfinite(column["mmse"]).any()), "cdr": bool(np.isfinite(column["cdr"]).any()),
+            "risk": bool((np.isfinite(column["time"]) & (column["event"] == 1)).any())}
+    return [h for h in heads if seen[h]]
+
+
 def _check_resume(cfg: Config, run_dir: Path) -> None:
     metas = sorted(run_dir.glob(f"*/{META_FILE}"))
     if not metas:
@@ -144,6 +156,7 @@ def run_training(cfg: Config, announce=print) -> TrainResult:
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.model_dump_json(), "spec": spec.model_dump_json(), "schema": schema.model_dump_json(),
+            "trained_heads": heads_with_targets(prepared, train_ids, cfg.model.heads),
             "steps_per_epoch": steps_per_epoch, "threads": placement.threads_per_worker,
             "fault_marker": str(run_dir / FAULT_MARKER) if local else None,
             "tensorboard_dir": str(run_dir / "tensorboard") if local else None,

@@ -1,4 +1,5 @@
-"""Validation: per-case predictions gathered from every worker, then the metrics and the combined score."""
+"""Validation: per-case predictions on each worker, and the combined score of the gathered metrics
+(:func:`jointray.metrics.cohort.validation_metrics`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,10 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 
-from jointray.losses.ordinal import cdr_to_class
-from jointray.metrics import concordance_index, ordinal_metrics, regression_metrics, segmentation_metrics
+from jointray.losses.ordinal import coral_predict
+from jointray.metrics import segmentation_metrics
 from jointray.models.joint import JointModel
 from jointray.train.batches import ModelBatch
 
@@ -32,7 +32,7 @@ def predict_cases(model: JointModel, batches: Iterable[ModelBatch], cross: float
             if name in out.outcomes:
                 per_case[f"pred_{name}"] = out.outcomes[name].float().cpu().tolist()
         if "cdr" in out.outcomes:
-            per_case["pred_cdr"] = (out.outcomes["cdr"].float() > 0).sum(-1).cpu().tolist()
+            per_case["pred_cdr"] = coral_predict(out.outcomes["cdr"].float()).cpu().tolist()
         for i in range(b.size):
             record = {"subject_id": b.subject_ids[i], "has_label": bool(b.targets.has_label[i])}
             record |= {k: v[i] for k, v in per_case.items()}
@@ -40,39 +40,6 @@ def predict_cases(model: JointModel, batches: Iterable[ModelBatch], cross: float
                 record[name] = float(getattr(b.targets, name)[i])
             records.append(record)
     return records
-
-
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else math.nan
-
-
-def validation_metrics(records: list[dict[str, Any]], structures: dict[int, str], cdr_classes: int) -> dict[str, float]:
-    """Metrics over all validation cases (records from every worker)."""
-    metrics: dict[str, float] = {"val/cases": float(len(records))}
-    labelled = [r for r in records if r["has_label"] and f"dice/{next(iter(structures.values()))}" in r]
-    if labelled:
-        for name in structures.values():
-            metrics[f"val/dice/{name}"] = _mean([r[f"dice/{name}"] for r in labelled])
-            metrics[f"val/hd95/{name}"] = _mean([r[f"hd95/{name}"] for r in labelled])
-        metrics["val/dice"] = _mean([metrics[f"val/dice/{n}"] for n in structures.values()])
-    if records and "pred_mmse" in records[0]:
-        reg = regression_metrics(torch.tensor([r["pred_mmse"] for r in records]),
-                                 torch.tensor([r["mmse"] for r in records]))
-        if reg["n"] > 0:
-            metrics |= {"val/mmse_mae": reg["mae"], "val/mmse_rmse": reg["rmse"], "val/mmse_r2": reg["r2"]}
-    if records and "pred_cdr" in records[0]:
-        target = cdr_to_class(torch.tensor([r["cdr"] for r in records]), cdr_classes)
-        ordinal = ordinal_metrics(torch.tensor([r["pred_cdr"] for r in records]), target, cdr_classes)
-        if ordinal["n"] > 0:
-            metrics |= {"val/cdr_accuracy": ordinal["accuracy"], "val/cdr_qwk": ordinal["qwk"]}
-    if records and "pred_risk" in records[0]:
-        known = [r for r in records if not math.isnan(r["time"]) and not math.isnan(r["event"])]
-        if sum(r["event"] for r in known) >= 1 and len(known) >= 2:
-            metrics["val/c_index"] = concordance_index(torch.tensor([r["pred_risk"] for r in known]),
-                                                       torch.tensor([r["time"] for r in known]),
-                                                       torch.tensor([r["event"] for r in known]))
-    return metrics
 
 
 def combined_score(metrics: dict[str, float], weights: dict[str, float]) -> float:

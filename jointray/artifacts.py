@@ -1,0 +1,211 @@
+"""Model files on disk: training checkpoints and exported serving artifacts, read by one loader.
+
+A **training checkpoint** folder (written by the training loop, ``runs/<name>/best`` and the per-epoch
+folders) holds ``checkpoint.pt`` (model, optimiser, scaler, balancer, counters, RNG state: tensors and
+plain containers only, so ``torch.load(weights_only=True)`` reads it without running pickled code) and
+``meta.json`` (the whole config, the PreprocessSpec, the clinical schema, the metrics, the heads that
+saw targets, and the SHA-256 of ``checkpoint.pt``). ``meta.json`` is written last, so a folder without
+it — or whose hash does not match — is half-written or corrupt and is never loaded.
+
+An **exported artifact** (:func:`export_artifact`) is what a server needs and nothing else: ``model.pt``
+(the model's state dict), ``config.yaml``, ``spec.json``, ``schema.json``, ``metrics.json`` and, last,
+``artifact.json`` with the SHA-256 of every other file. No optimiser state travels to a server.
+
+:func:`load_model` reads either kind into a :class:`ModelArtifact`; training and inference both use
+this module, so inference never imports ``jointray.train``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from jointray.config import Config, PreprocessSpec
+from jointray.data.clinical import ClinicalSchema
+
+STATE_FILE = "checkpoint.pt"
+META_FILE = "meta.json"
+MODEL_FILE = "model.pt"
+ARTIFACT_FILE = "artifact.json"
+ARTIFACT_FORMAT = "jointray-model"
+ARTIFACT_VERSION = 1
+#: Validation metrics that show a head saw targets, for checkpoints written before heads were recorded.
+_HEAD_EVIDENCE = {"mmse": "val/mmse_mae", "cdr": "val/cdr_qwk", "risk": "val/c_index"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, half-written, corrupt or from an incompatible run."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    state: dict[str, Any]
+    config: Config
+    spec: PreprocessSpec
+    schema: ClinicalSchema
+    metrics: dict[str, float]
+    trained_heads: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelArtifact:
+    """Everything inference needs: the model's weights and the config, spec and schema it was trained with.
+
+    ``trained_heads``: the outcome heads that saw at least one target in training; the others are never
+    reported. ``version``: the first 12 hex digits of the weights' SHA-256, a stable model id.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    config: Config
+    spec: PreprocessSpec
+    schema: ClinicalSchema
+    metrics: dict[str, float]
+    trained_heads: list[str]
+    version: str
+    source: str
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_checkpoint(folder: Path, state: dict[str, Any], cfg: Config, spec: PreprocessSpec, schema: ClinicalSchema,
+                     metrics: dict[str, float], trained_heads: list[str] | None = None) -> None:
+    """Write ``state`` and its metadata into ``folder`` (created; must not exist yet)."""
+    folder.mkdir(parents=True)
+    torch.save(state, folder / STATE_FILE)
+    meta = {
+        "sha256": _sha256(folder / STATE_FILE),
+        "config": cfg.model_dump(mode="json"),
+        "spec": spec.model_dump(mode="json"),
+        "spec_digest": spec.digest(),
+        "schema": schema.model_dump(mode="json"),
+        "metrics": metrics,
+        "trained_heads": list(trained_heads) if trained_heads is not None else None,
+    }
+    _write_text_atomic(folder / META_FILE, json.dumps(meta, indent=2) + "\n")
+
+
+def _trained_heads(recorded: list[str] | None, cfg: Config, metrics: dict[str, float]) -> list[str]:
+    if recorded is not None:
+        return [h for h in cfg.model.heads if h in recorded]
+    # Written before the heads were recorded: a head with a validation metric saw targets.
+    return [h for h in cfg.model.heads if _HEAD_EVIDENCE[h] in metrics]
+
+
+def read_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Load a checkpoint folder, refusing it when it is incomplete or its contents changed."""
+    folder = Path(folder)
+    meta_path, state_path = folder / META_FILE, folder / STATE_FILE
+    if not meta_path.is_file() or not state_path.is_file():
+        raise CheckpointError(f"{folder}: not a complete jointray checkpoint ({META_FILE} and {STATE_FILE} needed)")
+    meta = json.loads(meta_path.read_text())
+    if _sha256(state_path) != meta["sha256"]:
+        raise CheckpointError(f"{state_path}: contents do not match the hash in {META_FILE} (corrupt or half-written)")
+    state = torch.load(state_path, map_location=map_location, weights_only=True)
+    spec = PreprocessSpec.model_validate(meta["spec"])
+    if spec.digest() != meta["spec_digest"]:
+        raise CheckpointError(f"{meta_path}: PreprocessSpec digest mismatch")
+    config = Config.model_validate(meta["config"])
+    return LoadedCheckpoint(state=state, config=config, spec=spec, schema=ClinicalSchema.model_validate(meta["schema"]),
+                            metrics=meta["metrics"],
+                            trained_heads=_trained_heads(meta.get("trained_heads"), config, meta["metrics"]))
+
+
+def export_checkpoint(source: Path, target: Path) -> None:
+    """Copy a verified checkpoint to ``target``, replacing what was there only once the copy is complete."""
+    read_checkpoint(source)
+    staging = target.with_name(f".{target.name}-{uuid.uuid4().hex[:8]}")
+    shutil.copytree(source, staging)
+    read_checkpoint(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+
+
+def export_artifact(checkpoint: str | Path, target: str | Path) -> Path:
+    """Write the serving artifact of a training checkpoint (or re-export an artifact) into ``target``.
+
+    The folder is assembled beside ``target`` and moved into place whole; an existing ``target`` is
+    replaced only then. Returns ``target``.
+    """
+    model = load_model(checkpoint)
+    target = Path(target)
+    staging = target.with_name(f".{target.name}-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    try:
+        torch.save(model.state_dict, staging / MODEL_FILE)
+        (staging / "config.yaml").write_text(yaml.safe_dump(model.config.model_dump(mode="json"), sort_keys=False))
+        (staging / "spec.json").write_text(model.spec.model_dump_json(indent=2) + "\n")
+        (staging / "schema.json").write_text(model.schema.model_dump_json(indent=2) + "\n")
+        (staging / "metrics.json").write_text(json.dumps(model.metrics, indent=2) + "\n")
+        files = sorted(p.name for p in staging.iterdir())
+        manifest = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, "trained_heads": model.trained_heads,
+                    "spec_digest": model.spec.digest(), "source": model.source,
+                    "sha256": {name: _sha256(staging / name) for name in files}}
+        _write_text_atomic(staging / ARTIFACT_FILE, json.dumps(manifest, indent=2) + "\n")
+        load_model(staging)  # verify before it replaces anything
+        if target.exists():
+            old = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:8]}")
+            os.replace(target, old)
+            os.replace(staging, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+def _load_exported(folder: Path, map_location) -> ModelArtifact:
+    manifest = json.loads((folder / ARTIFACT_FILE).read_text())
+    if manifest.get("format") != ARTIFACT_FORMAT or manifest.get("format_version") != ARTIFACT_VERSION:
+        raise CheckpointError(f"{folder / ARTIFACT_FILE}: not a {ARTIFACT_FORMAT} v{ARTIFACT_VERSION} artifact")
+    for name, digest in manifest["sha256"].items():
+        path = folder / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise CheckpointError(f"{path}: missing, or its contents do not match the hash in {ARTIFACT_FILE}")
+    config = Config.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
+    spec = PreprocessSpec.model_validate_json((folder / "spec.json").read_text())
+    if spec.digest() != manifest["spec_digest"]:
+        raise CheckpointError(f"{folder / 'spec.json'}: PreprocessSpec digest mismatch")
+    return ModelArtifact(
+        state_dict=torch.load(folder / MODEL_FILE, map_location=map_location, weights_only=True), config=config,
+        spec=spec, schema=ClinicalSchema.model_validate_json((folder / "schema.json").read_text()),
+        metrics=json.loads((folder / "metrics.json").read_text()),
+        trained_heads=[h for h in config.model.heads if h in manifest["trained_heads"]],
+        version=manifest["sha256"][MODEL_FILE][:12], source=str(folder))
+
+
+def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> ModelArtifact:
+    """Read a training checkpoint or an exported artifact (verified either way) for inference."""
+    folder = Path(folder)
+    if (folder / ARTIFACT_FILE).is_file():
+        return _load_exported(folder, map_location)
+    if not (folder / META_FILE).is_file():
+        raise CheckpointError(f"{folder}: not a complete jointray checkpoint ({META_FILE} and {STATE_FILE} needed) "
+                              f"or exported model ({ARTIFACT_FILE} and {MODEL_FILE} needed)")
+    loaded = read_checkpoint(folder, map_location)
+    return ModelArtifact(state_dict=loaded.state["model"], config=loaded.config, spec=loaded.spec,
+                         schema=loaded.schema, metrics=loaded.metrics, trained_heads=loaded.trained_heads,
+                         version=json.loads((folder / META_FILE).read_text())["sha256"][:12], source=str(folder))

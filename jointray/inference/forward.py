@@ -1,0 +1,222 @@
+"""Inference stage 2 (the accelerator): one batched, vectorised call over prepared cases.
+
+For a batch of B cases of the training window's shape, :func:`window_forward` runs
+
+1. the **deterministic pass** (dropout off), combined over test-time mirror images: the class
+   probabilities whose argmax is the mask — exactly what ``evaluate`` scores — and the point outcomes;
+2. T **Monte Carlo samples** (:class:`~jointray.models.mc.MCSampler`, mode ``full``, ``decoder`` or
+   ``heads``), drawn in chunks of at most ``chunk_cases`` (sample × case) items so memory stays
+   bounded, sample t on mirror image ``t mod M`` (mirroring composes with MC at no extra cost). Only
+   running sums leave a chunk: the mean probabilities, the mean per-sample entropy, per-sample
+   structure volumes and per-sample outcomes.
+
+Per voxel, predictive entropy ``H[E_t p_t]`` (total uncertainty) and mutual information
+``H[E_t p_t] − E_t H[p_t]`` (the part due to the model's uncertainty, Gal 2016 §3.3; 0 without
+segmentation samples). With T = 1 there are no samples: the deterministic pass is the only one.
+
+Inputs larger than the window (:func:`sliding_forward`): the deterministic probabilities come from
+MONAI's Gaussian-weighted :func:`~monai.inferers.sliding_window_inference` over the whole volume (no
+structure can fall outside); the model is then run as above on one window centred on the predicted
+structure's bounding box — the way training crops centre on the label — for the outcomes, the MC
+samples and their uncertainty. Outside that window the entropy is the deterministic probabilities'
+and the mutual information is 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from jointray.data.clinical import ClinicalInput
+from jointray.losses.ordinal import coral_probabilities, coral_predict
+from jointray.models import MCSampler
+from jointray.models.joint import JointModel, JointOutput
+from jointray.models.layout import image_in_layout
+
+
+@dataclass
+class ForwardResult:
+    """The forward stage's answer for one case, on the prepared grid.
+
+    ``probabilities`` (K, X, Y, Z), ``entropy`` and ``mutual_information`` (X, Y, Z), float32, None for a
+    model without segmentation; ``sample_volumes`` (T, K-1) mm³ of each structure in each sample;
+    ``outcome_samples``: ``mmse``/``risk`` (T,), ``cdr`` (T, K) class probabilities; ``outcome_point``:
+    the deterministic ``mmse``, ``risk``, ``cdr_class`` and ``cdr_probabilities`` (K,).
+    """
+
+    probabilities: np.ndarray | None
+    entropy: np.ndarray | None
+    mutual_information: np.ndarray | None
+    sample_volumes: np.ndarray | None
+    outcome_samples: dict[str, np.ndarray] = field(default_factory=dict)
+    outcome_point: dict[str, object] = field(default_factory=dict)
+    path: str = "window"
+    focus_start: tuple[int, int, int] | None = None
+
+
+def mirror_sets(flip_axes: list[int]) -> list[tuple[int, ...]]:
+    """Tensor dims (of a (B, C, X, Y, Z) batch) to flip for test-time mirroring: every non-empty subset of
+    the RAS axes training mirrored."""
+    dims = [2 + axis for axis in sorted(set(flip_axes))]
+    return [combo for k in range(1, len(dims) + 1) for combo in itertools.combinations(dims, k)]
+
+
+def entropy(probabilities: torch.Tensor, dim: int) -> torch.Tensor:
+    """Shannon entropy in nats along ``dim``, with 0·log 0 = 0."""
+    return -(probabilities * torch.log(probabilities.clamp_min(1e-12))).sum(dim)
+
+
+@dataclass
+class ForwardSettings:
+    cross: float
+    mirrors: list[tuple[int, ...]]
+    chunk_cases: int
+    autocast: Callable
+    channels_last: bool
+
+
+def deterministic_probabilities(model: JointModel, image: torch.Tensor, clinical: ClinicalInput, vv: torch.Tensor,
+                                s: ForwardSettings, first: JointOutput | None = None) -> torch.Tensor:
+    """Class probabilities (B, K, X, Y, Z), float32, averaged over the image and its mirror images, each
+    mapped back; ``first``: the unmirrored pass when the caller already ran it."""
+    with s.autocast():
+        first = first or model.encode(image, clinical, s.cross, vv)
+        probabilities = first.seg[0].float().softmax(1)
+        for dims in s.mirrors:
+            mirrored = model.encode(image.flip(dims), clinical, s.cross, vv).seg[0]
+            probabilities = probabilities + mirrored.float().softmax(1).flip(dims)
+    return probabilities / (1 + len(s.mirrors))
+
+
+def _structure_counts(probabilities: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """(..., B, K, X, Y, Z) → (..., B, K-1) voxels inside the input (``inside`` (B, X, Y, Z)) whose argmax is
+    each foreground class."""
+    winner = probabilities.argmax(-4)
+    classes = torch.arange(1, probabilities.shape[-4], device=winner.device)
+    hits = (winner.unsqueeze(-4) == classes.view(-1, 1, 1, 1)) & inside.unsqueeze(-4)
+    return hits.flatten(-3).sum(-1)
+
+
+def _outcomes(outcomes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Head outputs (B,) / (B, K-1) CORAL logits → mmse, risk (B,) and cdr class probabilities (B, K), float32."""
+    result = {name: outcomes[name].float() for name in ("mmse", "risk") if name in outcomes}
+    if "cdr" in outcomes:
+        result["cdr"] = coral_probabilities(outcomes["cdr"].float())
+    return result
+
+
+@torch.no_grad()
+def window_forward(model: JointModel, image: torch.Tensor, clinical: ClinicalInput, vv: torch.Tensor,
+                   inside: torch.Tensor, samples: int, mode: str, s: ForwardSettings) -> list[ForwardResult]:
+    """B cases of the window's shape: image (B, C, X, Y, Z), ``vv`` (B,) prepared voxel volumes in mm³,
+    ``inside`` (B, X, Y, Z) the voxels that lie inside the input (not padding), where volumes are counted."""
+    batch = image.shape[0]
+    with s.autocast():
+        first = model.encode(image, clinical, s.cross, vv)
+        point = model.heads(first.hidden) if model.heads is not None else {}
+    probabilities = deterministic_probabilities(model, image, clinical, vv, s, first) if first.seg is not None else None
+    point_outcomes = _outcomes(point)
+    cdr_class = coral_predict(point["cdr"].float()) if "cdr" in point else None
+
+    sum_probs = sum_entropy = None
+    volumes: list[torch.Tensor] = []  # (n, B, K-1) per chunk
+    outcome_samples: dict[str, list[torch.Tensor]] = {name: [] for name in point_outcomes}
+    segmentation_sampled = probabilities is not None and mode != "heads" and samples > 1
+    if samples == 1:
+        if probabilities is not None:
+            volumes.append(_structure_counts(probabilities, inside).unsqueeze(0))
+        for name, value in point_outcomes.items():
+            outcome_samples[name].append(value.unsqueeze(0))
+    else:
+        views = [()] + s.mirrors if segmentation_sampled else [()]
+        samplers = [MCSampler(model, image.flip(dims) if dims else image, clinical, mode, s.cross, vv,
+                              encoded=first if (mode == "heads" and not dims) else None) for dims in views]
+        per_chunk = max(1, s.chunk_cases // batch)
+        for start in range(0, samples, per_chunk):
+            indices = range(start, min(samples, start + per_chunk))
+            for v, dims in enumerate(views):
+                n = sum(1 for t in indices if t % len(views) == v)
+                if n == 0:
+                    continue
+                with s.autocast():
+                    drawn = samplers[v].draw(n)
+                for name, value in _outcomes({k: drawn[k].flatten(0, 1) for k in point}).items():
+                    outcome_samples[name].append(value.view(n, batch, *value.shape[1:]))
+                if segmentation_sampled:
+                    p = drawn["seg_probs"].flip([d + 1 for d in dims]) if dims else drawn["seg_probs"]
+                    sum_probs = p.sum(0) if sum_probs is None else sum_probs + p.sum(0)
+                    h = entropy(p, 2).sum(0)
+                    sum_entropy = h if sum_entropy is None else sum_entropy + h
+                    volumes.append(_structure_counts(p, inside))
+        if probabilities is not None and not segmentation_sampled:
+            volumes.append(_structure_counts(probabilities, inside).unsqueeze(0).expand(samples, -1, -1))
+
+    total_entropy = mutual_information = None
+    if probabilities is not None:
+        mean_probs = sum_probs / samples if segmentation_sampled else probabilities
+        total_entropy = entropy(mean_probs, 1)
+        mutual_information = (total_entropy - sum_entropy / samples).clamp_min(0) if segmentation_sampled \
+            else torch.zeros_like(total_entropy)
+    sample_volumes = torch.cat(volumes).float() * vv.view(1, -1, 1) if volumes else None
+    stacked = {name: torch.cat(parts) for name, parts in outcome_samples.items()}
+    results = []
+    for b in range(batch):
+        point_b: dict[str, object] = {name: float(value[b]) for name, value in point_outcomes.items() if name != "cdr"}
+        if cdr_class is not None:
+            point_b["cdr_class"] = int(cdr_class[b])
+            point_b["cdr_probabilities"] = point_outcomes["cdr"][b].cpu().numpy()
+        results.append(ForwardResult(
+            probabilities=None if probabilities is None else probabilities[b].cpu().numpy(),
+            entropy=None if total_entropy is None else total_entropy[b].cpu().numpy(),
+            mutual_information=None if mutual_information is None else mutual_information[b].cpu().numpy(),
+            sample_volumes=None if sample_volumes is None else sample_volumes[:, b].cpu().numpy(),
+            outcome_samples={name: value[:, b].cpu().numpy() for name, value in stacked.items()},
+            outcome_point=point_b,
+        ))
+    return results
+
+
+def focus_start(probabilities: torch.Tensor | None, shape: tuple[int, ...], window: tuple[int, ...]) -> tuple[int, ...]:
+    """Start of the window centred on the predicted foreground's bounding box (the volume's centre when
+    nothing is found), kept inside the volume."""
+    centre = np.array(shape, dtype=np.float64) / 2.0
+    if probabilities is not None:
+        found = torch.nonzero(probabilities.argmax(0) > 0)
+        if len(found):
+            centre = (found.min(0).values + found.max(0).values + 1).cpu().numpy() / 2.0
+    return tuple(int(np.clip(round(c - t / 2.0), 0, n - t)) for n, t, c in zip(shape, window, centre))
+
+
+@torch.no_grad()
+def sliding_forward(model: JointModel, image: torch.Tensor, clinical: ClinicalInput, vv: torch.Tensor,
+                    inside: torch.Tensor, window: tuple[int, int, int], samples: int, mode: str, overlap: float,
+                    sigma_scale: float, s: ForwardSettings) -> ForwardResult:
+    """One case larger than ``window`` along some axis (image (1, C, X, Y, Z), ``inside`` (1, X, Y, Z));
+    see the module docstring."""
+    probabilities = None
+    if model.decoder is not None:
+        def predictor(windows: torch.Tensor) -> torch.Tensor:
+            n = windows.shape[0]
+            return deterministic_probabilities(model, windows, clinical.repeat(n), vv.repeat(n), s)
+
+        probabilities = sliding_window_inference(
+            image, roi_size=window, sw_batch_size=max(1, s.chunk_cases // (1 + len(s.mirrors))), predictor=predictor,
+            overlap=overlap, mode="gaussian", sigma_scale=sigma_scale)[0].float()
+    start = focus_start(probabilities, tuple(image.shape[2:]), window)
+    crop = tuple(slice(a, a + t) for a, t in zip(start, window))
+    focus = window_forward(model, image_in_layout(image[(Ellipsis, *crop)], s.channels_last), clinical, vv,
+                           inside[(Ellipsis, *crop)], samples, mode, s)[0]
+    focus.path, focus.focus_start = "sliding_window", start
+    if probabilities is not None:
+        total = entropy(probabilities, 0).cpu().numpy()
+        total[crop] = focus.entropy
+        information = np.zeros_like(total)
+        information[crop] = focus.mutual_information
+        focus.probabilities, focus.entropy, focus.mutual_information = probabilities.cpu().numpy(), total, information
+    return focus
+
