@@ -197,6 +197,17 @@ def _load_exported(folder: Path, map_location) -> ModelArtifact:
         version=manifest["sha256"][MODEL_FILE][:12], source=str(folder))
 
 
+def read_config(folder: str | Path) -> Config:
+    """The config a checkpoint or exported artifact was trained with, without reading its weights."""
+    folder = Path(folder)
+    if (folder / ARTIFACT_FILE).is_file() and (folder / "config.yaml").is_file():
+        return Config.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
+    if (folder / META_FILE).is_file():
+        return Config.model_validate(json.loads((folder / META_FILE).read_text())["config"])
+    raise CheckpointError(f"{folder}: not a complete jointray checkpoint ({META_FILE} and {STATE_FILE} needed) "
+                          f"or exported model ({ARTIFACT_FILE} and {MODEL_FILE} needed)")
+
+
 def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> ModelArtifact:
     """Read a training checkpoint or an exported artifact (verified either way) for inference."""
     folder = Path(folder)

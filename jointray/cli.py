@@ -139,10 +139,10 @@ def evaluate(
     tta: bool = typer.Option(True, "--tta/--no-tta", help="test-time mirroring along the axes training mirrored"),
 ) -> None:
     """Run a checkpoint over a dataset on Ray Data: masks in each input's own space, per-case CSV, JSON summary."""
+    from jointray.artifacts import CheckpointError
     from jointray.config import RayConfig
     from jointray.inference.evaluate import evaluate as run_evaluation
     from jointray.runtime import init_ray
-    from jointray.artifacts import CheckpointError
 
     init_ray(RayConfig())
     with _usage_errors(CheckpointError):
@@ -161,7 +161,6 @@ def demo(
     held_out: int = typer.Option(16, "--held-out", min=1, help="held-out synthetic subjects to evaluate on"),
 ) -> None:
     """The whole path on the synthetic cohort: prepare → train → evaluate on held-out subjects."""
-    from jointray.config import RayConfig
     from jointray.data.prepare import prepare_dataset
     from jointray.data.synthetic import generate_cohort
     from jointray.inference.evaluate import evaluate as run_evaluation

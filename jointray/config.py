@@ -379,6 +379,9 @@ class ServeConfig(_Section):
     replica_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions share one)")
     ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress (decode, validate, resample)")
     ingress_cpus: float = Field(0.5, gt=0, description="CPUs reserved per ingress replica")
+    ingress_max_ongoing_requests: int = Field(
+        64, ge=1, description="concurrent requests per ingress replica (decoding overlaps the model's batches)"
+    )
     max_upload_mb: float = Field(256.0, gt=0, description="largest upload accepted (and largest unzipped series)")
     api_key_env: str | None = Field(
         None, description="environment variable holding the API key; null: no key is asked for"
@@ -475,6 +478,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    return config_from_tree(tree, overrides)
+
+
+def config_from_tree(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A :class:`Config` from a mapping of sections (e.g. a checkpoint's) with dotted overrides applied."""
     for text in overrides:
         _set_dotted(tree, *_parse_override(text))
     try:

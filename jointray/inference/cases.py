@@ -58,6 +58,7 @@ class PreparedCase:
     record: CaseRecord | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     window: tuple[int, int, int] = (0, 0, 0)  # the training window, PreprocessSpec.target_shape
+    original: np.ndarray | None = None  # (C, X, Y, Z) the validated input, for display; not needed to predict
 
     @property
     def path(self) -> str:
@@ -213,4 +214,5 @@ class CasePreparer:
             raise InputError(where or name, f"preprocessing failed ({type(exc).__name__}: {exc})") from None
         return PreparedCase(name=name, image=prepared.image, geometry=prepared.geometry, clinical=clinical,
                             label=case.label, record=case.record, window=tuple(self.spec.target_shape),
+                            original=case.image,
                             seconds={"read_validate": read - started, "preprocess": time.perf_counter() - read})

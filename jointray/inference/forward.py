@@ -33,7 +33,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from jointray.data.clinical import ClinicalInput
-from jointray.losses.ordinal import coral_probabilities, coral_predict
+from jointray.losses.ordinal import coral_predict, coral_probabilities
 from jointray.models import MCSampler
 from jointray.models.joint import JointModel, JointOutput
 from jointray.models.layout import image_in_layout

@@ -1,0 +1,103 @@
+"""What the server sends back: the JSON answer, the mask as NIfTI, and the arrays the web viewer draws."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import math
+import zipfile
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from jointray.inference.cases import PreparedCase
+from jointray.inference.predictor import CasePrediction, Estimate, Predictor
+
+#: The viewer gets at most this many voxels along an axis (every n-th voxel beyond it).
+VIEWER_MAX_AXIS = 192
+
+
+def mask_image(mask: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """A label mask as uint8 NIfTI on the input's grid (its affine), ready for ITK-SNAP or 3D Slicer."""
+    image = nib.Nifti1Image(mask.astype(np.uint8), affine)
+    image.set_data_dtype(np.uint8)
+    image.header.set_xyzt_units("mm")
+    return image
+
+
+def nifti_gz(image: nib.Nifti1Image) -> bytes:
+    return gzip.compress(image.to_bytes(), compresslevel=6)
+
+
+def mask_files(prediction: CasePrediction, uncertainty: bool) -> tuple[bytes, str, str]:
+    """(body, media type, file name): the mask as ``.nii.gz``, or with ``uncertainty`` a zip of the mask and the
+    voxel entropy map (nats, float32)."""
+    mask = nifti_gz(mask_image(prediction.mask, prediction.affine))
+    stem = prediction.name.removesuffix(".gz").removesuffix(".nii").removesuffix(".zip")
+    if not uncertainty:
+        return mask, "application/gzip", f"{stem}_mask.nii.gz"
+    entropy = nib.Nifti1Image(prediction.entropy.astype(np.float32), prediction.affine)
+    entropy.header.set_xyzt_units("mm")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr(f"{stem}_mask.nii.gz", mask)
+        archive.writestr(f"{stem}_entropy.nii.gz", nifti_gz(entropy))
+    return buffer.getvalue(), "application/zip", f"{stem}_prediction.zip"
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _estimate(e: Estimate) -> dict[str, Any]:
+    return {"point": e.point, "mean": e.mean, "std": e.std, "interval": list(e.interval)}
+
+
+def answer(predictor: Predictor, case: PreparedCase, prediction: CasePrediction,
+           seconds: dict[str, float]) -> dict[str, Any]:
+    """The JSON answer of ``POST /v1/predict`` (see ``jointray/serve/ingress.py`` for the schema in OpenAPI)."""
+    needs_review, reasons = predictor.review(prediction)
+    structures = {
+        name: {"volume_mm3": {"mask": prediction.volumes_mm3[name], "mean": est.mean, "std": est.std,
+                              "interval": list(est.interval)},
+               "uncertainty": {k: _finite(v) for k, v in prediction.uncertainty[name].items()}}
+        for name, est in prediction.volume_estimates.items()
+    }
+    outcomes: dict[str, Any] = {}
+    for name, value in prediction.outcome_estimates.items():
+        outcomes[name] = value if name == "cdr" else _estimate(value)
+    geometry = case.geometry
+    return {
+        "model": {"name": predictor.config.train.name, "variant": predictor.config.model.variant,
+                  "version": predictor.artifact.version},
+        "input": {"name": case.name, "shape": list(geometry.original_shape),
+                  "spacing_mm": [round(s, 6) for s in geometry.original_spacing]},
+        "path": prediction.path,
+        "mc": {"samples": prediction.mc_samples, "mode": prediction.mc_mode, "interval": predictor.inference.interval},
+        "structures": structures,
+        "outcomes": outcomes,
+        "needs_review": needs_review,
+        "review": {"reasons": reasons, "entropy_threshold": predictor.inference.review_entropy},
+        "timings_s": {k: round(v, 4) for k, v in seconds.items()},
+    }
+
+
+def _b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype=np.uint8).tobytes()).decode("ascii")
+
+
+def viewer_arrays(case: PreparedCase, prediction: CasePrediction, classes: int,
+                  labels: dict[int, str]) -> dict[str, Any]:
+    """The input (first channel, 1st–99th percentile → 0–255), the mask and the entropy (0 – ln K → 0–255) on the
+    input's grid, subsampled to at most ``VIEWER_MAX_AXIS`` voxels per axis, as base64 C-order uint8 arrays."""
+    image = case.original[0]
+    step = tuple(max(1, math.ceil(n / VIEWER_MAX_AXIS)) for n in image.shape)
+    pick = tuple(slice(None, None, s) for s in step)
+    image, mask, entropy = image[pick], prediction.mask[pick], prediction.entropy[pick]
+    low, high = np.percentile(image, [1, 99])
+    grey = np.clip((image - low) / max(high - low, 1e-6), 0, 1) * 255
+    heat = np.clip(entropy / math.log(classes), 0, 1) * 255
+    return {"shape": list(image.shape), "step": list(step), "image": _b64(np.round(grey)), "mask": _b64(mask),
+            "uncertainty": _b64(np.round(heat)), "labels": {str(k): v for k, v in labels.items()}}
