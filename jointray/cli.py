@@ -154,6 +154,126 @@ def evaluate(
         raise typer.Exit(1)
 
 
+@app.command()
+def export(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="training checkpoint folder, e.g. runs/<name>/best"),
+    out: Path = typer.Option(..., "--out", help="folder for the serving artifact (replaced whole)"),
+) -> None:
+    """Write a weights-only serving artifact: model.pt, config.yaml, spec.json, schema.json, metrics.json."""
+    from jointray.artifacts import CheckpointError, export_artifact, load_model
+
+    with _usage_errors(CheckpointError):
+        export_artifact(checkpoint, out)
+        model = load_model(out)
+    console.print(f"exported {model.config.model.variant} (version {model.version}, trained heads "
+                  f"{model.trained_heads or 'none'}) to {out}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="runs/<name>/best as it is, or an exported model"),
+    overrides: list[str] = typer.Argument(None, help="serve.* / inference.* overrides, e.g. serve.max_batch_size=16"),
+    host: str = typer.Option(None, "--host", help="bind address (default serve.host, 127.0.0.1)"),
+    port: int = typer.Option(None, "--port", help="HTTP port (default serve.port, 8000)"),
+) -> None:
+    """Serve a model over HTTP on Ray Serve until interrupted (Ctrl-C shuts it down cleanly)."""
+    import signal
+    import time
+
+    from jointray.artifacts import CheckpointError
+    from jointray.config import RayConfig
+    from jointray.runtime import init_ray
+    from jointray.serve.app import serving_config, start
+
+    extra = list(overrides or []) + ([f"serve.host={host}"] if host else []) + ([f"serve.port={port}"] if port else [])
+    with _usage_errors(CheckpointError):
+        serving_config(checkpoint, extra)  # a bad checkpoint or override fails before Ray starts
+    init_ray(RayConfig())
+    from ray import serve as ray_serve
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        url = start(checkpoint, extra)
+        console.print(f"serving {checkpoint} at [bold]{url}[/bold] (viewer {url}/, API {url}/docs); Ctrl-C stops")
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("shutting down")
+        ray_serve.shutdown()
+
+
+def _print_predictions(answers: list[tuple[str, dict]]) -> None:
+    table = Table(title="jointray predict")
+    for column in ("input", "path", "structure volumes mm³ (mean ± sd, interval)", "outcomes", "review"):
+        table.add_column(column, overflow="fold")
+    for name, body in answers:
+        if "error" in body:
+            table.add_row(name, "", f"[red]{body['error']['message']}[/red]", "", "")
+            continue
+        level = f"{body['mc']['interval']:.0%}"
+        volumes = "\n".join(f"{s}: {v['volume_mm3']['mask']:.0f} ({v['volume_mm3']['mean']:.0f} ± "
+                             f"{v['volume_mm3']['std']:.0f}, {level} {v['volume_mm3']['interval'][0]:.0f}–"
+                             f"{v['volume_mm3']['interval'][1]:.0f})" for s, v in body["structures"].items())
+        outcomes = []
+        for key, value in body["outcomes"].items():
+            if key == "cdr":
+                outcomes.append(f"CDR {value['stage']:g} (" + ", ".join(
+                    f"{stage}: {p:.2f}" for stage, p in value["probabilities"].items()) + ")")
+            else:
+                outcomes.append(f"{key.upper()} {value['mean']:.2f} ± {value['std']:.2f} ({level} "
+                                f"{value['interval'][0]:.2f}–{value['interval'][1]:.2f})")
+        review = "[yellow]review[/yellow]: " + "; ".join(body["review"]["reasons"]) if body["needs_review"] else "ok"
+        table.add_row(name, body["path"], volumes, "\n".join(outcomes) or "—", review)
+    console.print(table)
+
+
+@app.command()
+def predict(
+    files: list[Path] = typer.Argument(..., help="NIfTI files, DICOM series folders or zips of one series"),
+    url: str = typer.Option(None, "--url", help="a running server, e.g. http://127.0.0.1:8000 (else in-process)"),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="without --url: the model to run in-process"),
+    clinical: str = typer.Option(None, "--clinical", help='clinical record as JSON, e.g. \'{"age": 71}\''),
+    out: Path = typer.Option(None, "--out", help="folder for the masks (default: beside each input)"),
+    mc_samples: int = typer.Option(None, "--mc-samples", help="Monte Carlo samples (default from the model)"),
+    mc_mode: str = typer.Option(None, "--mc-mode", help="full, decoder or heads"),
+    api_key_env: str = typer.Option(None, "--api-key-env", help="environment variable holding the server's API key"),
+) -> None:
+    """Predict for each input and write its mask (``<name>_mask.nii.gz``) beside it or into --out."""
+    import json
+
+    from jointray.inference.client import predict_local, predict_remote
+
+    if (url is None) == (checkpoint is None):
+        console.print("[red]error:[/red] give --url (a running server) or --checkpoint (run in-process), not both")
+        raise typer.Exit(2)
+    try:
+        record = json.loads(clinical) if clinical else {}
+    except json.JSONDecodeError as exc:
+        console.print(f"[red]error:[/red] --clinical is not valid JSON ({exc.msg})")
+        raise typer.Exit(2) from None
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        console.print(f"[red]error:[/red] no such file or folder: {', '.join(missing)}")
+        raise typer.Exit(2)
+    if url is not None:
+        key = os.environ.get(api_key_env) if api_key_env else None
+        if api_key_env and not key:
+            console.print(f"[red]error:[/red] --api-key-env {api_key_env}: that environment variable is not set")
+            raise typer.Exit(2)
+        answers = predict_remote(url, files, record, out, mc_samples, mc_mode, key)
+    else:
+        from jointray.artifacts import CheckpointError
+
+        with _usage_errors(CheckpointError):
+            answers = predict_local(checkpoint, files, record, out, mc_samples, mc_mode)
+    _print_predictions(answers)
+    if all("error" in body for _, body in answers):
+        raise typer.Exit(1)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def demo(
     config: Path = typer.Option(Path("configs/synthetic.yaml"), "--config", "-c", help="YAML config file"),

@@ -10,43 +10,22 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import MSD_TRAIN_CASES as TRAIN_CASES
+from conftest import msd_subset as _msd_subset
 from conftest import shared_data
-from jointray.config import ConfigError, load_config
-from jointray.data.prepare import prepare_dataset
+from jointray.config import ConfigError
 from jointray.data.volumes import read_volume
 from jointray.inference.evaluate import evaluate
 from jointray.inference.predictor import Predictor
 from jointray.metrics import segmentation_metrics
-from jointray.train.trainer import run_training
 
 STRUCTURES = {1: "anterior", 2: "posterior"}
-TRAIN_CASES = 40
 
 
-def _msd_subset(msd, folder, start, count):
-    """An MSD folder listing ``count`` of the shared cases by absolute path (the data stays in place)."""
-    meta = json.loads((msd / "dataset.json").read_text())
-    entries = [e for e in meta["training"] if (msd / e["image"]).exists() and (msd / e["label"]).exists()]
-    chosen = entries[start:start + count]
-    meta["training"] = [{"image": str((msd / e["image"]).resolve()), "label": str((msd / e["label"]).resolve())}
-                        for e in chosen]
-    folder.mkdir(parents=True)
-    (folder / "dataset.json").write_text(json.dumps(meta))
-    return folder, chosen
-
-
-@pytest.fixture(scope="module")
-def checkpoint(ray_session, tmp_path_factory):
-    """A small v2 trained for a minute on 40 real MSD cases: enough to find the hippocampus."""
-    msd = shared_data("msd_hippocampus")
-    root = tmp_path_factory.mktemp("msd_eval")
-    subset, _ = _msd_subset(msd, root / "train_cases", 0, TRAIN_CASES)
-    cfg = load_config("configs/msd_hippocampus.yaml", [
-        f"data.root={subset}", f"data.output={root / 'prepared'}", f"train.storage_path={root / 'runs'}",
-        "train.name=msd_small", "train.epochs=16", "train.patience=null", "model.channels=[8,16,32,64]",
-        "train.n_folds=5"])
-    assert prepare_dataset(cfg).prepared == TRAIN_CASES
-    return run_training(cfg, announce=lambda _: None).best_dir
+@pytest.fixture
+def checkpoint(msd_checkpoint):
+    """The session's model trained on the first 40 MSD cases (conftest); these tests use later ones."""
+    return msd_checkpoint
 
 
 def test_masks_are_written_in_each_inputs_space_and_the_csv_matches_them(checkpoint, tmp_path):

@@ -17,7 +17,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 import torch
-from ray.data.extensions import ArrowTensorArray
 from monai.transforms import (
     Compose,
     RandAffined,
@@ -26,10 +25,10 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
 )
+from ray.data.extensions import ArrowTensorArray
 
 from jointray.config import AugmentConfig, TrainConfig
 from jointray.data.shards import SHARDS_DIR
-
 
 #: CPUs each read/augment task asks for. Less than one, so that the data tasks fit beside fractional
 #: train workers: two 1-CPU nodes running a 0.5-CPU worker each have 0.5 CPU free per node, where a

@@ -29,6 +29,7 @@ from jointray.artifacts import load_model
 from jointray.config import ConfigError, DataConfig
 from jointray.data.records import CaseRecord, Quarantined
 from jointray.data.sources import scan_path
+from jointray.inference.answers import mask_image
 from jointray.inference.predictor import CasePrediction, Predictor
 from jointray.metrics.cohort import validation_metrics
 
@@ -67,10 +68,7 @@ def mask_names(records: list[CaseRecord]) -> list[str]:
 
 def write_mask(prediction: CasePrediction, path: Path) -> None:
     """The mask as NIfTI on the input image's grid (its affine), uint8, ready for ITK-SNAP or 3D Slicer."""
-    image = nib.Nifti1Image(prediction.mask, prediction.affine)
-    image.set_data_dtype(np.uint8)
-    image.header.set_xyzt_units("mm")
-    nib.save(image, path)
+    nib.save(mask_image(prediction.mask, prediction.affine), path)
 
 
 class PredictorActor:

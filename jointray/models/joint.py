@@ -32,7 +32,7 @@ from jointray.data.clinical import ClinicalInput, ClinicalSchema
 from jointray.models.clinical import ClinicalEncoder
 from jointray.models.decoder import SegmentationDecoder
 from jointray.models.encoder import DualViewEncoder, ImageEncoder
-from jointray.models.fusion import FiLM, ClinicalCrossAttention
+from jointray.models.fusion import ClinicalCrossAttention, FiLM
 from jointray.models.heads import OutcomeHeads, StructurePooling
 
 #: Width of the shared outcome representation h.

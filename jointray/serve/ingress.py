@@ -15,6 +15,7 @@ Routes: ``POST /v1/predict`` (JSON), ``POST /v1/predict/mask`` (NIfTI, or a zip 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
@@ -35,9 +36,9 @@ from starlette.datastructures import UploadFile
 
 from jointray.config import InferenceConfig
 from jointray.data.errors import InputError
+from jointray.inference.answers import answer, mask_files, mask_image, nifti_gz, viewer_arrays
 from jointray.inference.cases import PreparedCase
 from jointray.inference.predictor import Predictor
-from jointray.serve.responses import answer, mask_files, viewer_arrays
 
 STATIC = Path(__file__).parent / "static"
 API_KEY_HEADER = "X-API-Key"
@@ -190,17 +191,21 @@ class Ingress:
     # -- routes ----------------------------------------------------------------------------------------------
     @api.post("/v1/predict", openapi_extra=_PREDICT_BODY,
               summary="Segment the hippocampus and predict outcomes, with Monte Carlo uncertainty")
-    async def predict(self, request: Request, viewer: bool = False):
+    async def predict(self, request: Request, viewer: bool = False, mask: bool = False):
         """Structure volumes (mm³) with intervals, outcome predictions for the trained heads, uncertainty
         inside each structure, a review flag, the inference path and per-stage timings. ``viewer=true`` adds
-        the input, mask and entropy as small arrays for the web viewer. ``mc_samples`` and ``mc_mode`` may
-        also be given as query parameters."""
+        the input, mask and entropy as small arrays for the web viewer; ``mask=true`` adds the mask as a
+        base64 ``.nii.gz`` (``mask_nii_gz_base64``), saving a client a second request. ``mc_samples`` and
+        ``mc_mode`` may also be given as query parameters."""
         async def handle():
             case, prediction, seconds = await self._predict(request, entropy_map=viewer)
             body = answer(self.predictor, case, prediction, seconds)
-            if viewer and prediction.mask is not None:
+            if prediction.mask is not None and viewer:
                 body["viewer"] = viewer_arrays(case, prediction, self.predictor.config.model.num_classes,
                                                self.predictor.structures)
+            if prediction.mask is not None and mask:
+                gz = await asyncio.to_thread(nifti_gz, mask_image(prediction.mask, prediction.affine))
+                body["mask_nii_gz_base64"] = base64.b64encode(gz).decode("ascii")
             return JSONResponse(body)
         return await self._guarded("/v1/predict", request, handle)
 

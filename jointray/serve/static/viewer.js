@@ -4,7 +4,10 @@
 
 const MODEL_URL = "v1/model";
 const PREDICT_URL = "v1/predict?viewer=true";
-const VIEW_LONG_SIDE = 256; // CSS pixels on the longest physical side of the three views
+// CSS pixels on the longest physical side of the views: as large as fits the panel, within these bounds.
+const VIEW_LONG_SIDE_MIN = 256;
+const VIEW_LONG_SIDE_MAX = 384;
+const VIEW_GAP = 16; // matches .views { gap: 1rem }
 const MASK_ALPHA = 0.45;
 const HEAT_MAX_ALPHA = 0.9;
 const LABEL_COLOURS = [
@@ -42,9 +45,10 @@ function el(tag, attrs = {}, ...children) {
     if (value === undefined || value === null || value === false) continue;
     if (key === "class") node.className = value;
     else if (key === "text") node.textContent = value;
+    else if (key === "style") Object.assign(node.style, value); // CSSOM, so a strict CSP allows it
     else node.setAttribute(key, value === true ? "" : value);
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === undefined || child === null || child === false) continue;
     node.append(child instanceof Node ? child : String(child));
   }
@@ -280,7 +284,9 @@ async function onSubmit(event) {
 function resetResults() {
   state.volume = null;
   byId("views").hidden = true;
-  byId("viewer-empty").hidden = false;
+  const empty = byId("viewer-empty");
+  empty.hidden = false;
+  empty.textContent = "Choose an image and run a prediction to see the segmentation.";
   byId("legend").replaceChildren();
   byId("results").replaceChildren(el("p", { class: "placeholder", text: "Volumes, uncertainty and outcome predictions appear here." }));
   const review = byId("review");
@@ -319,9 +325,9 @@ function renderNumbers(result) {
     sections.push(structuresSection(result.structures, result.mc));
   }
   const outcomes = result.outcomes || {};
-  if (outcomes.mmse) sections.push(estimateSection("MMSE", outcomes.mmse, result.mc, 1, ""));
+  if (outcomes.mmse) sections.push(estimateSection("MMSE", outcomes.mmse, result.mc, 1));
   if (outcomes.cdr) sections.push(cdrSection(outcomes.cdr));
-  if (outcomes.risk) sections.push(estimateSection("Risk", outcomes.risk, result.mc, 3, ""));
+  if (outcomes.risk) sections.push(estimateSection("Risk", outcomes.risk, result.mc, 3));
   const missing = OUTCOME_HEADS.filter((head) => !outcomes[head]);
   if (missing.length) {
     sections.push(el("section", {}, el("h3", { text: "Outcomes" }),
@@ -350,11 +356,11 @@ function structuresSection(structures, mc) {
     el("div", { class: "table-scroll" }, el("table", { id: "structures-table" }, el("thead", {}, head), el("tbody", {}, rows))));
 }
 
-function estimateSection(title, estimate, mc, digits, unit) {
+function estimateSection(title, estimate, mc, digits) {
   const id = `outcome-${title.toLowerCase()}`;
   return el("section", { id }, el("h3", { text: title }),
     el("dl", { class: "kv" },
-      el("dt", { text: "Mean ± SD" }), el("dd", {}, el("span", { class: "big", text: fmtMeanStd(estimate, digits) }), unit),
+      el("dt", { text: "Mean ± SD" }), el("dd", {}, el("span", { class: "big", text: fmtMeanStd(estimate, digits) })),
       el("dt", { text: intervalLabel(mc) }), el("dd", { text: fmtInterval(estimate.interval, digits) }),
       el("dt", { text: "Deterministic" }), el("dd", { text: fmt(estimate.point, digits) })));
 }
@@ -366,7 +372,7 @@ function cdrSection(cdr) {
     const width = isNumber(p) ? Math.max(0, Math.min(1, p)) * 100 : 0;
     return el("li", { class: isNumber(p) && p === best ? "top" : null },
       el("span", { text: `CDR ${stage}` }),
-      el("span", { class: "bar-track", role: "presentation" }, el("span", { class: "bar-fill", style: `display:block;width:${width.toFixed(1)}%` })),
+      el("span", { class: "bar-track", role: "presentation" }, el("span", { class: "bar-fill", style: { width: `${width.toFixed(1)}%` } })),
       el("span", { class: "bar-value", text: isNumber(p) ? `${(p * 100).toFixed(1)} %` : "—" }));
   });
   return el("section", { id: "outcome-cdr" }, el("h3", { text: "CDR" }),
@@ -424,7 +430,7 @@ function decodeVolume(viewer, input) {
   return {
     shape,
     strides: [shape[1] * shape[2], shape[2], 1], // C order: index = (x * ny + y) * nz + z
-    voxelMm: viewerVoxelMm(shape, input),
+    voxelMm: viewerVoxelMm(shape, input, viewer.step),
     image: array("image", true),
     mask: array("mask", false),
     uncertainty: array("uncertainty", false),
@@ -432,12 +438,16 @@ function decodeVolume(viewer, input) {
   };
 }
 
-// The viewer grid may be subsampled, so its voxel size is the input's extent over the viewer's voxel count.
-function viewerVoxelMm(shape, input) {
-  const ok = input && Array.isArray(input.shape) && Array.isArray(input.spacing_mm) && input.shape.length >= 3 && input.spacing_mm.length >= 3;
+// The viewer grid may be subsampled: its voxel is the input spacing times the step when the server names the
+// step, else the input's extent over the viewer's voxel count (isotropic 1 mm when the input is not described).
+function viewerVoxelMm(shape, input, step) {
+  const spacing = input && Array.isArray(input.spacing_mm) && input.spacing_mm.length >= 3 ? input.spacing_mm : null;
+  const inputShape = input && Array.isArray(input.shape) && input.shape.length >= 3 ? input.shape : null;
   return shape.map((n, axis) => {
-    if (!ok) return 1;
-    const size = (Number(input.shape[axis]) * Math.abs(Number(input.spacing_mm[axis]))) / n;
+    if (!spacing) return 1;
+    let size = Math.abs(Number(spacing[axis]));
+    if (Array.isArray(step) && step.length === 3) size *= Number(step[axis]);
+    else if (inputShape) size *= Number(inputShape[axis]) / n;
     return Number.isFinite(size) && size > 0 ? size : 1;
   });
 }
@@ -476,22 +486,28 @@ function renderViewer(viewer, input) {
   state.slices = foregroundCentre(volume);
   const uncertaintyBox = byId("show-uncertainty");
   uncertaintyBox.disabled = !volume.uncertainty;
+  uncertaintyBox.parentElement.title = volume.uncertainty ? "" : "No uncertainty map in this result";
   if (!volume.uncertainty) uncertaintyBox.checked = false;
   byId("show-mask").disabled = !volume.mask;
+  byId("viewer-empty").hidden = true;
+  byId("views").hidden = false;
   sizeCanvases(volume);
   for (const [name, view] of Object.entries(VIEWS)) {
     const slider = byId(`slider-${name}`);
     slider.max = String(volume.shape[view.fixed] - 1);
     slider.value = String(state.slices[view.fixed]);
   }
-  byId("viewer-empty").hidden = true;
-  byId("views").hidden = false;
   drawAll();
 }
 
 function sizeCanvases(volume) {
   const extent = volume.shape.map((n, axis) => n * volume.voxelMm[axis]);
-  const scale = VIEW_LONG_SIDE / Math.max(...extent);
+  const longest = Math.max(...extent);
+  // One common mm → pixel scale keeps the three views consistent; fit them side by side when the panel allows.
+  const rowWidth = Object.values(VIEWS).reduce((sum, view) => sum + extent[view.across], 0);
+  const available = byId("views").clientWidth - 2 * VIEW_GAP - 2;
+  const fit = available > 0 ? (available / rowWidth) * longest : VIEW_LONG_SIDE_MIN;
+  const scale = Math.min(VIEW_LONG_SIDE_MAX, Math.max(VIEW_LONG_SIDE_MIN, fit)) / longest;
   const dpr = window.devicePixelRatio || 1;
   for (const [name, view] of Object.entries(VIEWS)) {
     const canvas = byId(name);
@@ -510,7 +526,7 @@ function overlayMode() {
   return "none";
 }
 
-// Lookup tables of premultiplied-ready RGBA (alpha 0..1) for the 256 possible overlay values.
+// Overlay colour per possible uint8 value: RGB 0..255 and alpha 0..1 (0 = leave the grey pixel as it is).
 function labelTable() {
   const table = new Float32Array(256 * 4);
   for (let k = 1; k < 256; k++) {
@@ -599,7 +615,7 @@ function renderLegend() {
     const labels = Object.entries(state.volume.labels).sort((a, b) => Number(a[0]) - Number(b[0]));
     legend.replaceChildren(...labels.map(([value, name]) => {
       const [r, g, b] = LABEL_COLOURS[(Number(value) - 1) % LABEL_COLOURS.length] || [128, 128, 128];
-      return el("span", { class: "legend-item" }, el("span", { class: "swatch", style: `background:rgb(${r},${g},${b})` }), humanize(name));
+      return el("span", { class: "legend-item" }, el("span", { class: "swatch", style: { background: `rgb(${r}, ${g}, ${b})` } }), humanize(name));
     }));
   } else {
     legend.replaceChildren(el("span", { text: "Overlay off" }));
@@ -641,6 +657,15 @@ function init() {
   for (const id of ["show-mask", "show-uncertainty"]) {
     byId(id).addEventListener("change", () => state.volume && drawAll());
   }
+  let resizeTimer = 0;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizeTimer);
+    resizeTimer = setTimeout(() => {
+      if (!state.volume) return;
+      sizeCanvases(state.volume);
+      drawAll();
+    }, 150);
+  });
   loadModel();
 }
 

@@ -1,4 +1,4 @@
-"""What the server sends back: the JSON answer, the mask as NIfTI, and the arrays the web viewer draws."""
+"""What a prediction looks like to a client: the JSON answer, the mask as NIfTI, the arrays the web viewer draws."""
 
 from __future__ import annotations
 
