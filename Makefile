@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/accuracy_msd.py
 	$(BIN)/python benchmarks/joint_learning.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs benchmarks/results

@@ -280,7 +280,7 @@ def demo(
     overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. train.epochs=3"),
     held_out: int = typer.Option(16, "--held-out", min=1, help="held-out synthetic subjects to evaluate on"),
 ) -> None:
-    """The whole path on the synthetic cohort: prepare → train → evaluate on held-out subjects."""
+    """The whole path on the synthetic cohort: prepare → train → evaluate on held-out subjects → serve over HTTP."""
     from jointray.data.prepare import prepare_dataset
     from jointray.data.synthetic import generate_cohort
     from jointray.inference.evaluate import evaluate as run_evaluation
@@ -293,20 +293,57 @@ def demo(
         console.print("[red]error:[/red] the demo runs on the synthetic cohort (data.format=synthetic)")
         raise typer.Exit(2)
     init_ray(cfg.ray)
-    console.rule("1/3 prepare")
+    console.rule("1/4 prepare")
     report = prepare_dataset(cfg)
     _print_prepare_report(report)
-    console.rule("2/3 train")
+    console.rule("2/4 train")
     with _usage_errors():
         result = run_training(cfg, announce=console.print)
     console.print(summary_table(result.metrics, f"jointray train: {cfg.train.name} (best checkpoint)"))
-    console.rule("3/3 evaluate on held-out subjects")
+    console.rule("3/4 evaluate on held-out subjects")
     s = cfg.data.synthetic
     held_out_root = Path(f"{cfg.data.root}_held_out")
     generate_cohort(held_out_root, held_out, s.seed + 1, tuple(s.shape), tuple(s.spacing))  # unseen seed
     evaluation = run_evaluation(result.best_dir, held_out_root / "manifest.csv", result.run_dir / "evaluation")
     _print_evaluation(evaluation)
+    console.rule("4/4 serve the best checkpoint and predict over HTTP")
+    _demo_serving(result.best_dir, held_out_root / "manifest.csv", result.run_dir / "served")
     console.print(f"[bold]best checkpoint:[/bold] {result.best_dir}")
+
+
+def _demo_serving(checkpoint: Path, manifest: Path, out: Path) -> None:
+    """Serve ``checkpoint`` on a free loopback port, send one held-out synthetic case (with its clinical record)
+    and one real DICOM study (where ../shared/data has one) through the HTTP client, then shut down."""
+    import math
+
+    import pandas as pd
+    from ray import serve as ray_serve
+
+    from jointray.artifacts import load_model
+    from jointray.inference.client import predict_remote
+    from jointray.serve.app import free_port, start
+
+    schema = load_model(checkpoint).schema
+    row = pd.read_csv(manifest).iloc[0]
+    clinical = {}
+    for name in [f.name for f in schema.numeric] + [f.name for f in schema.categorical]:
+        value = row.get(name)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            clinical[name] = value.item() if hasattr(value, "item") else value
+    inputs = [manifest.parent / row["image"]]
+    dicom = Path("../shared/data/dicom_hippocrop/study1")
+    if dicom.is_dir():
+        inputs.append(dicom)
+    url = start(checkpoint, [f"serve.port={free_port(8000)}"])
+    console.print(f"serving at {url} (viewer {url}/, API {url}/docs)")
+    try:
+        answers = predict_remote(url, inputs[:1], clinical, out, None, None)
+        answers += predict_remote(url, inputs[1:], {}, out, None, None)
+        _print_predictions(answers)
+        console.print(f"masks: {out}")
+    finally:
+        ray_serve.shutdown()
+        console.print("server shut down")
 
 
 @app.command("model-summary", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

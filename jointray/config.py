@@ -142,6 +142,12 @@ class AugmentConfig(_Section):
     affine_prob: float = Field(0.3, ge=0, le=1)
     rotate_deg: float = Field(10.0, ge=0)
     scale: float = Field(0.1, ge=0, lt=1)
+    shift_prob: float = Field(
+        0.0, ge=0, le=1, description="probability of a random shift of the case within the training window: "
+        "teaches the model that a structure can sit anywhere in it, which sliding-window inference over "
+        "inputs larger than the window relies on"
+    )
+    shift_voxels: float = Field(0.0, ge=0, description="largest shift per axis, in voxels")
     intensity_prob: float = Field(0.3, ge=0, le=1)
     noise_std: float = Field(0.05, ge=0)
 

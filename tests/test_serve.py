@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -271,29 +272,37 @@ def test_the_cli_client_writes_masks_beside_the_inputs(server, tmp_path):
 
 
 def test_the_web_viewer_draws_the_overlay_in_headless_chromium(server):
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        message = "Debian's chromium and chromium-driver are needed (make test installs them as root)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
     from selenium import webdriver
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1400,1000"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
+    options.binary_location = shutil.which("chromium")
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
     try:
         driver.get(f"{server}/")
         wait = WebDriverWait(driver, 120)
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("ready", "error"))
-        driver.find_element(By.ID, "api-key").send_keys(os.environ[KEY_ENV])
+        state = lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")  # noqa: E731
+        wait.until(lambda d: state(d) == "locked")  # the server wants a key before it describes the model
+        driver.find_element(By.ID, "api-key").send_keys(os.environ[KEY_ENV], Keys.TAB)
+        wait.until(lambda d: state(d) == "ready")
         driver.find_element(By.ID, "file").send_keys(str(_held_out(5)[0]))
         driver.find_element(By.ID, "submit").click()
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
-        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", \
-            driver.find_element(By.ID, "error").text
+        wait.until(lambda d: state(d) in ("done", "error"))
+        assert state(driver) == "done", driver.find_element(By.ID, "error").text
         artifacts = REPO / "runs" / "test-artifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(artifacts / "viewer.png"))
-        assert "anterior" in driver.find_element(By.ID, "results").text
+        assert "anterior" in driver.find_element(By.ID, "results").text.lower()
         assert "review" in driver.find_element(By.ID, "review").text
         overlay = driver.execute_script("""
             const counts = {};

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from jointray.artifacts import STATE_FILE, CheckpointError, export_checkpoint, read_checkpoint
 from jointray.config import ConfigError, load_config
 from jointray.data.prepare import prepare_dataset
-from jointray.artifacts import STATE_FILE, CheckpointError, export_checkpoint, read_checkpoint
 from jointray.train.trainer import FAULT_MARKER, plan_placement, run_training
 
 #: Small and fast: 20 synthetic subjects, 48³, augmentation off so two runs with one seed are comparable.
@@ -56,6 +56,30 @@ def test_training_run_exports_a_verified_best_checkpoint(prepared, tmp_path):
     history = client.get_metric_history(run.info.run_id, "val/dice")
     assert [m.step for m in history] == [0, 1]
     assert history[1].value == pytest.approx(result.final_metrics["val/dice"], abs=1e-6)
+    assert loaded.trained_heads == ["mmse", "cdr", "risk"]  # every head saw targets in this cohort
+
+
+def test_trained_outcome_heads_are_reported_with_monte_carlo_intervals(prepared, tmp_path):
+    import pandas as pd
+
+    from jointray.inference.predictor import Predictor
+
+    result = run_training(_cfg(prepared, tmp_path, "train.name=outcomes", "train.epochs=1"), announce=lambda _: None)
+    root, _ = prepared
+    row = pd.read_csv(root / "cohort" / "manifest.csv").iloc[0]
+    predictor = Predictor(result.best_dir, device="cpu")
+    case = predictor.prepare(root / "cohort" / row["image"], {"age": float(row["age"]), "sex": str(row["sex"])})
+    prediction = predictor.finish(case, predictor.forward([case], 16, "heads")[0], 16, "heads")
+    assert set(prediction.outcome_estimates) == {"mmse", "cdr", "risk"}
+    for name in ("mmse", "risk"):
+        estimate = prediction.outcome_estimates[name]
+        assert estimate.std > 0 and estimate.interval[0] < estimate.mean < estimate.interval[1], name
+    low, high = prediction.outcome_estimates["mmse"].interval
+    assert 0 <= low <= high <= 30
+    cdr = prediction.outcome_estimates["cdr"]
+    assert list(cdr["probabilities"]) == ["0", "0.5", "1", "2"]
+    assert sum(cdr["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert cdr["stage"] == prediction.outcomes["pred_cdr_stage"]
 
 
 def test_worker_crash_resumes_from_the_last_checkpoint(prepared, tmp_path):

@@ -67,6 +67,8 @@ def _augmentation(cfg: AugmentConfig) -> Compose:
         *[RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=axis) for axis in cfg.flip_axes],
         RandAffined(keys, prob=cfg.affine_prob, rotate_range=(rotate,) * 3, scale_range=(cfg.scale,) * 3,
                     mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandAffined(keys, prob=cfg.shift_prob, translate_range=(cfg.shift_voxels,) * 3, mode=("bilinear", "nearest"),
+                    padding_mode="zeros"),
         RandScaleIntensityd("image", factors=0.1, prob=cfg.intensity_prob),
         RandShiftIntensityd("image", offsets=0.1, prob=cfg.intensity_prob),
         RandGaussianNoised("image", std=cfg.noise_std, prob=cfg.intensity_prob),

@@ -14,12 +14,20 @@ Per voxel, predictive entropy ``H[E_t p_t]`` (total uncertainty) and mutual info
 ``H[E_t p_t] − E_t H[p_t]`` (the part due to the model's uncertainty, Gal 2016 §3.3; 0 without
 segmentation samples). With T = 1 there are no samples: the deterministic pass is the only one.
 
-Inputs larger than the window (:func:`sliding_forward`): the deterministic probabilities come from
-MONAI's Gaussian-weighted :func:`~monai.inferers.sliding_window_inference` over the whole volume (no
-structure can fall outside); the model is then run as above on one window centred on the predicted
-structure's bounding box — the way training crops centre on the label — for the outcomes, the MC
-samples and their uncertainty. Outside that window the entropy is the deterministic probabilities'
-and the mutual information is 0.
+Inputs larger than the window (:func:`sliding_forward`), e.g. a whole-head scan for a model trained on
+hippocampus crops, in two steps:
+
+1. *Locate*: MONAI's Gaussian-weighted :func:`~monai.inferers.sliding_window_inference` over the whole
+   volume; the structure is the connected foreground component holding the most probability, counting
+   only voxels with image content (a window of empty space is nothing the model was trained on).
+2. *Segment*: one window centred on that structure's bounding box — the way training crops centre
+   on the case — re-centred on its own prediction until it stops moving (at most ``FOCUS_STEPS``),
+   then predicted exactly as a window-sized input, MC samples included.
+
+The mask is that window's, background outside it; so are the uncertainty maps. One structure per
+input, as the training crops hold one; blending every window's prediction instead would ask a model
+trained on centred crops to segment off-centre ones, which it does badly (a model trained without
+``train.augment.shift_prob`` loses most of its Dice that way).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
+from scipy import ndimage
 
 from jointray.data.clinical import ClinicalInput
 from jointray.losses.ordinal import coral_predict, coral_probabilities
@@ -181,42 +190,73 @@ def window_forward(model: JointModel, image: torch.Tensor, clinical: ClinicalInp
     return results
 
 
-def focus_start(probabilities: torch.Tensor | None, shape: tuple[int, ...], window: tuple[int, ...]) -> tuple[int, ...]:
-    """Start of the window centred on the predicted foreground's bounding box (the volume's centre when
-    nothing is found), kept inside the volume."""
-    centre = np.array(shape, dtype=np.float64) / 2.0
-    if probabilities is not None:
-        found = torch.nonzero(probabilities.argmax(0) > 0)
-        if len(found):
-            centre = (found.min(0).values + found.max(0).values + 1).cpu().numpy() / 2.0
+def _focus_centre(probabilities: torch.Tensor, content: torch.Tensor) -> np.ndarray | None:
+    """Centre (voxel coordinates) of the bounding box of the most probable predicted structure: the connected
+    foreground component holding the most foreground probability, counting only voxels with image content.
+    None when nothing is found."""
+    foreground = (probabilities.argmax(0) > 0) & content
+    if not bool(foreground.any()):
+        return None
+    components, count = ndimage.label(foreground.cpu().numpy())
+    mass = ndimage.sum((1.0 - probabilities[0]).cpu().numpy(), components, index=np.arange(1, count + 1))
+    box = ndimage.find_objects((components == int(np.argmax(mass)) + 1).astype(np.int32))[0]
+    return np.array([(b.start + b.stop) / 2.0 for b in box])
+
+
+def _window_start(centre: np.ndarray | None, shape: tuple[int, ...], window: tuple[int, ...]) -> tuple[int, ...]:
+    """Start of the window centred on ``centre`` (the volume's centre when None), kept inside the volume."""
+    centre = np.array(shape, dtype=np.float64) / 2.0 if centre is None else centre
     return tuple(int(np.clip(round(c - t / 2.0), 0, n - t)) for n, t, c in zip(shape, window, centre))
+
+
+#: Re-centring steps of the focus window before its answer is taken (each one deterministic pass).
+FOCUS_STEPS = 3
 
 
 @torch.no_grad()
 def sliding_forward(model: JointModel, image: torch.Tensor, clinical: ClinicalInput, vv: torch.Tensor,
                     inside: torch.Tensor, window: tuple[int, int, int], samples: int, mode: str, overlap: float,
-                    sigma_scale: float, s: ForwardSettings) -> ForwardResult:
+                    sigma_scale: float, pad_value: float, s: ForwardSettings) -> ForwardResult:
     """One case larger than ``window`` along some axis (image (1, C, X, Y, Z), ``inside`` (1, X, Y, Z));
     see the module docstring."""
-    probabilities = None
+    shape = tuple(image.shape[2:])
+    content = (image[0] != pad_value).any(0)  # voxels with image data: no structure is placed in empty space
+    centre = None
     if model.decoder is not None:
         def predictor(windows: torch.Tensor) -> torch.Tensor:
             n = windows.shape[0]
             return deterministic_probabilities(model, windows, clinical.repeat(n), vv.repeat(n), s)
 
-        probabilities = sliding_window_inference(
+        located = sliding_window_inference(
             image, roi_size=window, sw_batch_size=max(1, s.chunk_cases // (1 + len(s.mirrors))), predictor=predictor,
             overlap=overlap, mode="gaussian", sigma_scale=sigma_scale)[0].float()
-    start = focus_start(probabilities, tuple(image.shape[2:]), window)
-    crop = tuple(slice(a, a + t) for a, t in zip(start, window))
+        centre = _focus_centre(located, content)
+        del located
+
+    def crop_at(start: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(a, a + t) for a, t in zip(start, window))
+
+    start = _window_start(centre, shape, window)
+    for _ in range(FOCUS_STEPS if model.decoder is not None else 0):
+        crop = crop_at(start)
+        probe = window_forward(model, image_in_layout(image[(Ellipsis, *crop)], s.channels_last), clinical, vv,
+                               inside[(Ellipsis, *crop)], 1, "heads", s)[0]
+        local = _focus_centre(torch.from_numpy(probe.probabilities), content[crop])
+        if local is None:
+            break
+        moved = _window_start(local + np.array(start), shape, window)
+        if moved == start:
+            break
+        start = moved
+    crop = crop_at(start)
     focus = window_forward(model, image_in_layout(image[(Ellipsis, *crop)], s.channels_last), clinical, vv,
                            inside[(Ellipsis, *crop)], samples, mode, s)[0]
     focus.path, focus.focus_start = "sliding_window", start
-    if probabilities is not None:
-        total = entropy(probabilities, 0).cpu().numpy()
-        total[crop] = focus.entropy
-        information = np.zeros_like(total)
-        information[crop] = focus.mutual_information
-        focus.probabilities, focus.entropy, focus.mutual_information = probabilities.cpu().numpy(), total, information
+    if focus.probabilities is not None:
+        probabilities = np.zeros((focus.probabilities.shape[0], *shape), np.float32)
+        probabilities[0] = 1.0  # background outside the focus window
+        probabilities[(slice(None), *crop)] = focus.probabilities
+        entropy, information = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        entropy[crop], information[crop] = focus.entropy, focus.mutual_information
+        focus.probabilities, focus.entropy, focus.mutual_information = probabilities, entropy, information
     return focus
-

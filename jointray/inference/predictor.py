@@ -189,7 +189,7 @@ class Predictor:
             image, clinical, vv, inside = self._tensors([cases[i]])
             results[i] = sliding_forward(self.model, image, clinical, vv, inside, tuple(self.spec.target_shape),
                                          samples, mode, self.inference.overlap, self.inference.sigma_scale,
-                                         self.settings)
+                                         self.spec.pad_value, self.settings)
         if windowed:
             image, clinical, vv, inside = self._tensors([cases[i] for i in windowed])
             for i, result in zip(windowed, window_forward(self.model, image, clinical, vv, inside, samples, mode,

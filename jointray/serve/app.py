@@ -66,6 +66,20 @@ def build_app(args: AppArgs) -> Application:
     ).bind(model, checkpoint, cfg.inference.model_dump(), s.max_upload_mb, s.api_key_env)
 
 
+def free_port(preferred: int) -> int:
+    """``preferred`` if nothing listens on it at 127.0.0.1, else a free port the OS picks."""
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise RuntimeError("no free port on 127.0.0.1")
+
+
 def wait_until_healthy(url: str, timeout_s: float = 120.0) -> None:
     """Poll ``GET {url}/healthz`` until it answers 200 (RuntimeError after ``timeout_s``)."""
     deadline, last = time.monotonic() + timeout_s, "no answer"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import json
 import logging
@@ -169,7 +170,7 @@ class Ingress:
             raise RequestError(422, f"{exc.path}: {exc.reason}") from None
         sent = time.perf_counter()
         # The display copy of the input stays here: only what the forward pass reads travels to the model.
-        travelling = PreparedCase(**{**case.__dict__, "original": None, "label": None})
+        travelling = dataclasses.replace(case, original=None, label=None)
         result = await self.model.forward.remote(travelling, samples, mode)
         returned = time.perf_counter()
         prediction = await asyncio.to_thread(self.predictor.finish, case, result, samples, mode, entropy_map)

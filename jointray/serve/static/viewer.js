@@ -106,7 +106,11 @@ async function requestJson(url, options = {}) {
   } catch {
     body = null;
   }
-  if (!response.ok) throw new Error(errorMessage(response, body, text));
+  if (!response.ok) {
+    const error = new Error(errorMessage(response, body, text));
+    error.status = response.status;
+    throw error;
+  }
   if (body === null) throw new Error(`The server's answer was not JSON (HTTP ${response.status}).`);
   return body;
 }
@@ -139,9 +143,15 @@ function setStatus(text) {
 // ---------------------------------------------------------------------------------------------------------
 // Model description → form
 
+function keyHeaders() {
+  const key = byId("api-key").value;
+  return key ? { "X-API-Key": key } : {};
+}
+
 async function loadModel() {
   try {
-    const model = await requestJson(MODEL_URL);
+    const model = await requestJson(MODEL_URL, { headers: keyHeaders() });
+    clearError();
     state.model = model;
     renderModelInfo(model);
     buildClinicalFields(model.clinical || {});
@@ -150,6 +160,14 @@ async function loadModel() {
     byId("submit").disabled = false;
     setPageState("ready");
   } catch (err) {
+    if (err.status === 401) {
+      // The server asks for a key before it describes its model: ask for it, then load again.
+      byId("api-key-fieldset").hidden = false;
+      byId("model-info").textContent = "API key needed";
+      showError(`${err.message}. Enter the API key to continue.`);
+      setPageState("locked");
+      return;
+    }
     byId("model-info").textContent = "Model unavailable";
     showError(`Could not load the model description: ${err.message}`);
     setPageState("error");
@@ -241,10 +259,7 @@ function buildRequest() {
   body.append("clinical", JSON.stringify(collectClinical()));
   body.append("mc_samples", String(collectSamples()));
   body.append("mc_mode", byId("mc-mode").value);
-  const headers = {};
-  const key = byId("api-key").value;
-  if (state.model && state.model.api_key_required && key) headers["X-API-Key"] = key;
-  return { method: "POST", body, headers };
+  return { method: "POST", body, headers: keyHeaders() };
 }
 
 async function onSubmit(event) {
@@ -650,6 +665,7 @@ function onCanvasClick(name, event) {
 
 function init() {
   byId("predict-form").addEventListener("submit", onSubmit);
+  byId("api-key").addEventListener("change", () => { if (!state.model) loadModel(); });
   for (const name of Object.keys(VIEWS)) {
     byId(`slider-${name}`).addEventListener("input", () => onSliderInput(name));
     byId(name).addEventListener("click", (event) => onCanvasClick(name, event));
