@@ -1,0 +1,59 @@
+"""``jointray serve`` as a user runs it: up until interrupted, then Serve shut down cleanly."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from jointray.serve.app import wait_until_healthy
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_jointray_serve_answers_until_interrupted_then_shuts_down(msd_checkpoint, tmp_path):
+    import ray
+
+    port = _free_port()
+    # The command joins this session's Ray instance (as `ray job submit` would) instead of starting another.
+    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [str(Path(sys.executable).parent / "jointray"), "serve", "--checkpoint", str(msd_checkpoint), "--port",
+               str(port), "inference.mc_samples=2"]
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", timeout_s=180)
+        info = requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=30).json()
+        assert info["mc"]["samples"] == 2  # the override reached the server
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        assert process.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    output = (tmp_path / "serve.log").read_text()
+    assert f"http://127.0.0.1:{port}" in output and "shutting down" in output
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the HTTP proxy is gone with Serve
+        try:
+            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+        except requests.ConnectionError:
+            return
+        time.sleep(1)
+    raise AssertionError(f"port {port} still answers after the server was interrupted")
+
+
+def test_bad_serve_requests_fail_before_ray_starts(tmp_path):
+    from typer.testing import CliRunner
+
+    from jointray.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "not a complete jointray checkpoint" in result.output
