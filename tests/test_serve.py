@@ -30,6 +30,8 @@ from jointray.metrics import segmentation_metrics
 KEY_ENV = "JOINTRAY_TEST_API_KEY"
 UPLOAD_LIMIT_MB = 4
 STRUCTURES = {1: "anterior", 2: "posterior"}
+OVERRIDES = [f"serve.api_key_env={KEY_ENV}", f"serve.max_upload_mb={UPLOAD_LIMIT_MB}", "serve.batch_wait_timeout_s=0.5",
+             "inference.mc_samples=6", "inference.max_mc_samples=50"]
 
 
 def _free_port() -> int:
@@ -46,9 +48,8 @@ def server(msd_checkpoint):
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    overrides = [f"serve.api_key_env={KEY_ENV}", f"serve.max_upload_mb={UPLOAD_LIMIT_MB}", "serve.max_batch_size=4",
-                 "serve.batch_wait_timeout_s=0.5", "inference.mc_samples=6", "inference.max_mc_samples=50"]
-    serve.run(build_app(AppArgs(checkpoint=str(msd_checkpoint), overrides=overrides)), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(AppArgs(checkpoint=str(msd_checkpoint), overrides=[*OVERRIDES, "serve.max_batch_size=4"])),
+              name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(url)
     yield url
@@ -141,8 +142,28 @@ def test_concurrent_requests_are_batched(server):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda _: _post(server, "/v1/predict", data, form={"mc_samples": "1"}), range(8)))
     assert [r.status_code for r in responses] == [200] * 8
-    sizes = serve.get_deployment_handle("ModelServer", app_name="jointray").batch_sizes.remote().result()
+    handle = serve.get_deployment_handle("ModelServer", app_name="jointray")
+    sizes = handle.batch_sizes.remote().result()
     assert max(sizes) > 1, sizes
+
+
+def test_batch_size_changes_without_a_restart(server, msd_checkpoint):
+    from ray import serve
+
+    from jointray.serve.app import APP_NAME, AppArgs, build_app
+
+    handle = serve.get_deployment_handle("ModelServer", app_name=APP_NAME)
+    before = handle.batch_sizes.remote().result()
+    # Only user_config differs: Serve calls reconfigure on the running replica instead of replacing it.
+    serve.run(build_app(AppArgs(checkpoint=str(msd_checkpoint), overrides=[*OVERRIDES, "serve.max_batch_size=2"])),
+              name=APP_NAME, route_prefix="/")
+    data = _held_out(1)[0].read_bytes()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: _post(server, "/v1/predict", data, form={"mc_samples": "1"}), range(6)))
+    assert [r.status_code for r in responses] == [200] * 6
+    after = handle.batch_sizes.remote().result()
+    assert after[: len(before)] == before  # the same replica, its history kept
+    assert len(after) > len(before) and max(after[len(before):]) == 2, after
 
 
 def _bad_requests(series_zip: bytes):

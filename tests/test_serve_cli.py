@@ -33,13 +33,17 @@ def test_jointray_serve_answers_until_interrupted_then_shuts_down(msd_checkpoint
         wait_until_healthy(f"http://127.0.0.1:{port}", timeout_s=180)
         info = requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=30).json()
         assert info["mc"]["samples"] == 2  # the override reached the server
+        deadline = time.monotonic() + 60
+        while "Ctrl-C stops" not in " ".join((tmp_path / "serve.log").read_text().split()):
+            assert time.monotonic() < deadline, "the command never said where it serves"
+            time.sleep(0.5)
         process.send_signal(signal.SIGINT)  # Ctrl-C
         assert process.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    output = (tmp_path / "serve.log").read_text()
-    assert f"http://127.0.0.1:{port}" in output and "shutting down" in output
+    output = " ".join((tmp_path / "serve.log").read_text().split())  # rich wraps lines at 80 columns
+    assert f"at http://127.0.0.1:{port}" in output and "shutting down" in output
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # the HTTP proxy is gone with Serve
         try:
@@ -56,4 +60,4 @@ def test_bad_serve_requests_fail_before_ray_starts(tmp_path):
     from jointray.cli import app
 
     result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path / "nothing")])
-    assert result.exit_code == 2 and "not a complete jointray checkpoint" in result.output
+    assert result.exit_code == 2 and "not a complete jointray checkpoint" in " ".join(result.output.split())
