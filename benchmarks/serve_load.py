@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import threading
 import time
 from pathlib import Path
@@ -48,17 +47,12 @@ from jointray.config import RayConfig, load_config  # noqa: E402
 from jointray.data.prepare import prepare_dataset  # noqa: E402
 from jointray.inference.predictor import Predictor  # noqa: E402
 from jointray.runtime import init_ray  # noqa: E402
-from jointray.serve.app import APP_NAME, AppArgs, build_app, wait_until_healthy  # noqa: E402
+from jointray.serve.app import APP_NAME, AppArgs, build_app, free_port, wait_until_healthy  # noqa: E402
 from jointray.train.trainer import run_training  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 console = Console()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _percentiles(latencies: list[float]) -> dict[str, float]:
@@ -198,7 +192,7 @@ def main() -> None:
     checkpoint = str(Path(args.checkpoint or train_checkpoint(args.train_minutes, args.root)).resolve())
     images = sorted((Path(args.root) / "imagesTr").glob("hippocampus_*.nii.gz"))[: args.volumes]
     volumes = [(p.name, p.read_bytes()) for p in images]
-    port = _free_port()
+    port = free_port(0)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
     scenarios = {
@@ -223,7 +217,8 @@ def main() -> None:
     results["plain Predictor loop, deterministic"] = plain_loop(checkpoint, volumes, args.seconds, 1, "heads")
     costs = forward_costs(checkpoint, volumes[0][1])
 
-    table = Table(title=f"jointray serving: {args.clients} clients, {args.seconds:g} s each, {len(volumes)} MSD volumes")
+    table = Table(title=f"jointray serving: {args.clients} clients, {args.seconds:g} s each, "
+                        f"{len(volumes)} MSD volumes")
     for column in ("scenario", "req/s", "p50 s", "p95 s", "p99 s", "errors", "mean batch"):
         table.add_column(column)
     for name, r in results.items():

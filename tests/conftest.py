@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,12 @@ def msd_checkpoint(ray_session, tmp_path_factory):
         "train.n_folds=5"])
     assert prepare_dataset(cfg).prepared == MSD_TRAIN_CASES
     return run_training(cfg, announce=lambda _: None).best_dir
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    """A zip archive in memory with the given member names and contents."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import MSD_TRAIN_CASES, shared_data
+from conftest import MSD_TRAIN_CASES, shared_data, zip_bytes
 
 from jointray.artifacts import CheckpointError, export_artifact, load_model
 from jointray.config import InferenceConfig, PreprocessSpec
@@ -110,7 +110,8 @@ def test_mc_modes_do_less_work_than_full_passes(predictor):
             seen[name] += (first[0] if isinstance(first, list) else first).shape[0]
         return hook
 
-    hooks = [model.encoder.register_forward_hook(count("encoder")), model.decoder.register_forward_hook(count("decoder"))]
+    hooks = [model.encoder.register_forward_hook(count("encoder")),
+             model.decoder.register_forward_hook(count("decoder"))]
     work = {}
     try:
         for mode in ("full", "decoder", "heads"):
@@ -180,14 +181,6 @@ def _nifti_bytes(array: np.ndarray, compress: bool) -> bytes:
     return gzip.compress(data) if compress else data
 
 
-def _zip(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
 BAD_UPLOADS = [
     (b"", "empty upload"),
     (b"hello, this is not an image", "neither a NIfTI image"),
@@ -196,9 +189,9 @@ BAD_UPLOADS = [
     (_nifti_bytes(np.ones((8, 8, 8, 3), np.float32), False), "not a 3D volume"),
     (_nifti_bytes(np.full((8, 8, 8), np.nan, np.float32), True), "non-finite"),
     (_nifti_bytes(np.ones((8, 8, 8), np.float32), True), "constant"),
-    (_zip({}), "no DICOM|no image"),
-    (_zip({"../../etc/passwd": b"x"}), "points outside the archive"),
-    (_zip({"/abs/slice.dcm": b"x"}), "points outside the archive"),
+    (zip_bytes({}), "no DICOM|no image"),
+    (zip_bytes({"../../etc/passwd": b"x"}), "points outside the archive"),
+    (zip_bytes({"/abs/slice.dcm": b"x"}), "points outside the archive"),
     (b"\x00" * 128 + b"DICM" + b"\x00" * 64, "a single DICOM file"),
 ]
 

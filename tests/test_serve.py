@@ -7,9 +7,9 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -19,13 +19,14 @@ import pytest
 import requests
 import torch
 import yaml
-from conftest import MSD_TRAIN_CASES, REPO, shared_data
+from conftest import MSD_TRAIN_CASES, REPO, shared_data, zip_bytes
 from typer.testing import CliRunner
 
 from jointray.cli import app as cli
 from jointray.data.volumes import read_volume
 from jointray.inference.predictor import Predictor
 from jointray.metrics import segmentation_metrics
+from jointray.serve.app import free_port
 
 KEY_ENV = "JOINTRAY_TEST_API_KEY"
 UPLOAD_LIMIT_MB = 4
@@ -34,22 +35,31 @@ OVERRIDES = [f"serve.api_key_env={KEY_ENV}", f"serve.max_upload_mb={UPLOAD_LIMIT
              "inference.mc_samples=6", "inference.max_mc_samples=50"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def _deploy(checkpoint: Path, port: int, max_batch_size: int) -> None:
+    """Deploy configs/serve.yaml as `serve run configs/serve.yaml` does (a declarative config, so that a change of
+    user_config alone reconfigures the running replicas), with this module's checkpoint and overrides."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
+    config["http_options"]["port"] = port
+    (app,) = config["applications"]
+    app["args"] = {"checkpoint": str(checkpoint), "overrides": OVERRIDES}
+    (model,) = [d for d in app["deployments"] if d["name"] == "ModelServer"]
+    model["user_config"]["max_batch_size"] = max_batch_size
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
 
 
 @pytest.fixture(scope="module")
 def server(msd_checkpoint):
     from ray import serve
 
-    from jointray.serve.app import APP_NAME, AppArgs, build_app, wait_until_healthy
+    from jointray.serve.app import wait_until_healthy
 
-    port = _free_port()
+    port = free_port(0)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs(checkpoint=str(msd_checkpoint), overrides=[*OVERRIDES, "serve.max_batch_size=4"])),
-              name=APP_NAME, route_prefix="/")
+    _deploy(msd_checkpoint, port, max_batch_size=4)
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(url)
     yield url
@@ -150,19 +160,21 @@ def test_concurrent_requests_are_batched(server):
 def test_batch_size_changes_without_a_restart(server, msd_checkpoint):
     from ray import serve
 
-    from jointray.serve.app import APP_NAME, AppArgs, build_app
+    from jointray.serve.app import APP_NAME
 
     handle = serve.get_deployment_handle("ModelServer", app_name=APP_NAME)
     before = handle.batch_sizes.remote().result()
-    # Only user_config differs: Serve calls reconfigure on the running replica instead of replacing it.
-    serve.run(build_app(AppArgs(checkpoint=str(msd_checkpoint), overrides=[*OVERRIDES, "serve.max_batch_size=2"])),
-              name=APP_NAME, route_prefix="/")
+    _deploy(msd_checkpoint, int(server.rsplit(":", 1)[1]), max_batch_size=2)  # only user_config differs
+    deadline = time.monotonic() + 60
+    while serve.status().applications[APP_NAME].status != "RUNNING" or handle.batch_sizes.remote().result() != before:
+        assert time.monotonic() < deadline, "the application did not settle after the new user_config"
+        time.sleep(0.5)
     data = _held_out(1)[0].read_bytes()
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         responses = list(pool.map(lambda _: _post(server, "/v1/predict", data, form={"mc_samples": "1"}), range(6)))
     assert [r.status_code for r in responses] == [200] * 6
     after = handle.batch_sizes.remote().result()
-    assert after[: len(before)] == before  # the same replica, its history kept
+    assert after[: len(before)] == before  # the same replica (reconfigured, not replaced): its history is kept
     assert len(after) > len(before) and max(after[len(before):]) == 2, after
 
 
@@ -187,9 +199,9 @@ def _bad_requests(series_zip: bytes):
         ("NaN voxels", {"data": nifti(np.full((8, 8, 8), np.nan, np.float32))}, 422, "non-finite"),
         ("billions of voxels", {"data": header.binaryblock + b"\x00" * 1000}, 422, "27,000,000,000 voxels"),
         ("empty body", {"data": b""}, 422, "empty upload"),
-        ("zip without a series", {"data": _zip({"notes.txt": b"hello"})}, 422, "no DICOM"),
+        ("zip without a series", {"data": zip_bytes({"notes.txt": b"hello"})}, 422, "no DICOM"),
         ("two series", {"data": two_series.getvalue()}, 422, "series"),
-        ("path traversal", {"data": _zip({"../evil.dcm": series_zip[:100]})}, 422, "points outside the archive"),
+        ("path traversal", {"data": zip_bytes({"../evil.dcm": series_zip[:100]})}, 422, "points outside the archive"),
         ("zip bomb", {"data": bomb.getvalue(), "name": "bomb.zip"}, 422, "uncompressed, over the limit"),
         ("clinical not JSON", {"data": good, "form": {"clinical": "{age: 71"}}, 422, "not valid JSON"),
         ("unknown clinical key", {"data": good, "form": {"clinical": '{"age": 71}'}}, 422, "unknown clinical key"),
@@ -200,14 +212,6 @@ def _bad_requests(series_zip: bytes):
         ("mc_mode unknown", {"data": good, "form": {"mc_mode": "everything"}}, 422, "mc_mode='everything'"),
         ("over-size upload", {"data": b"\x00" * (UPLOAD_LIMIT_MB * 1024 * 1024 + 10)}, 413, "over the limit"),
     ]
-
-
-def _zip(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
 
 
 def test_every_bad_input_gets_its_4xx_and_the_server_keeps_answering(server):

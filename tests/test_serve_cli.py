@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -10,19 +9,13 @@ from pathlib import Path
 
 import requests
 
-from jointray.serve.app import wait_until_healthy
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from jointray.serve.app import free_port, wait_until_healthy
 
 
 def test_jointray_serve_answers_until_interrupted_then_shuts_down(msd_checkpoint, tmp_path):
     import ray
 
-    port = _free_port()
+    port = free_port(0)
     # The command joins this session's Ray instance (as `ray job submit` would) instead of starting another.
     env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     command = [str(Path(sys.executable).parent / "jointray"), "serve", "--checkpoint", str(msd_checkpoint), "--port",

@@ -46,8 +46,10 @@ def serving_config(checkpoint: str | Path, overrides: list[str] | tuple[str, ...
     return config_from_tree(read_config(checkpoint).model_dump(mode="json"), overrides)
 
 
-def build_app(args: AppArgs) -> Application:
-    """The Serve application for ``args.checkpoint`` (see the module docstring)."""
+def build_app(args: AppArgs | dict) -> Application:
+    """The Serve application for ``args.checkpoint`` (see the module docstring). A Serve config file passes
+    ``args`` as a dict: Serve cannot see the AppArgs annotation through postponed evaluation."""
+    args = AppArgs.model_validate(args) if isinstance(args, dict) else args
     checkpoint = str(Path(args.checkpoint).resolve())
     cfg = serving_config(checkpoint, args.overrides)
     s = cfg.serve
