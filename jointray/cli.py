@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -191,6 +192,7 @@ def serve(
     init_ray(RayConfig())
     from ray import serve as ray_serve
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our own lines say where and when it serves
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     try:
@@ -323,6 +325,7 @@ def _demo_serving(checkpoint: Path, manifest: Path, out: Path) -> None:
     from jointray.inference.client import predict_remote
     from jointray.serve.app import free_port, start
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     schema = load_model(checkpoint).schema
     row = pd.read_csv(manifest).iloc[0]
     clinical = {}

@@ -352,8 +352,13 @@ class InferenceConfig(_Section):
     sigma_scale: float = Field(
         0.125, gt=0, description="sliding window: Gaussian weight sigma as a fraction of the window size"
     )
+    review_volume_cv: float = Field(
+        0.1, gt=0, description="needs_review when a structure's MC volume SD exceeds this fraction of its mean "
+        "(needs segmentation samples: mode full or decoder, mc_samples >= 2)"
+    )
     review_entropy: float = Field(
-        0.3, gt=0, description="needs_review when the mean predictive entropy (nats) inside a structure exceeds this"
+        0.75, gt=0, description="needs_review when the mean predictive entropy (nats) inside a structure exceeds "
+        "this (ln 3 = 1.10 is a uniform guess between three classes)"
     )
     interval: float = Field(0.9, gt=0, lt=1, description="central probability of the reported intervals")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
@@ -389,6 +394,9 @@ class ServeConfig(_Section):
         64, ge=1, description="concurrent requests per ingress replica (decoding overlaps the model's batches)"
     )
     max_upload_mb: float = Field(256.0, gt=0, description="largest upload accepted (and largest unzipped series)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="replica logs of `jointray serve` and the demo (INFO adds one access line per request)"
+    )
     api_key_env: str | None = Field(
         None, description="environment variable holding the API key; null: no key is asked for"
     )

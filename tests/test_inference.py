@@ -155,6 +155,24 @@ def test_probabilities_are_mapped_back_before_the_argmax():
     assert prediction.volumes_mm3["structure"] == pytest.approx(64 * 8.0)  # one 8x8 slab of 2 mm voxels
 
 
+@pytest.mark.parametrize("volume, mean, std, entropy, reasons", [
+    (2000.0, 2000.0, 100.0, 0.3, []),
+    (0.0, 0.0, 0.0, 0.0, ["anterior: not found"]),
+    (2000.0, 2000.0, 300.0, 0.3, ["anterior: volume SD 15% of its mean > 10%"]),
+    (2000.0, 2000.0, 100.0, 0.9, ["anterior: mean entropy 0.90 > 0.75 nats"]),
+])
+def test_review_flag_rules(volume, mean, std, entropy, reasons):
+    from jointray.inference.predictor import CasePrediction, Estimate
+
+    predictor = object.__new__(Predictor)
+    predictor.inference = InferenceConfig()
+    prediction = CasePrediction(record=None, name="case", mask=None, affine=np.eye(4),
+                                volumes_mm3={"anterior": volume},
+                                volume_estimates={"anterior": Estimate(volume, mean, std, (mean - std, mean + std))},
+                                uncertainty={"anterior": {"entropy": entropy, "mutual_information": 0.0}})
+    assert predictor.review(prediction) == (bool(reasons), reasons)
+
+
 def test_an_exported_model_predicts_exactly_what_its_checkpoint_does(msd_checkpoint, predictor, tmp_path):
     exported = export_artifact(msd_checkpoint, tmp_path / "model")
     assert sorted(p.name for p in exported.iterdir()) == ["artifact.json", "config.yaml", "metrics.json", "model.pt",

@@ -103,7 +103,8 @@ def test_predict_answers_with_intervals_and_the_mask_scores_as_evaluate_does(ser
         volume = body["structures"][name]["volume_mm3"]
         assert volume["mask"] > 0 and volume["std"] > 0 and volume["interval"][0] < volume["interval"][1]
         assert body["structures"][name]["uncertainty"]["mutual_information"] > 0
-    assert isinstance(body["needs_review"], bool) and body["review"]["entropy_threshold"] == 0.3
+    assert body["needs_review"] == bool(body["review"]["reasons"])
+    assert body["review"]["entropy_threshold"] == 0.75 and body["review"]["volume_cv_threshold"] == 0.1
     assert set(body["timings_s"]) == {"read_validate", "preprocess", "forward", "finish", "total"}
 
     mask_response = _post(server, "/v1/predict/mask", data, image_path.name)

@@ -79,7 +79,8 @@ def answer(predictor: Predictor, case: PreparedCase, prediction: CasePrediction,
         "structures": structures,
         "outcomes": outcomes,
         "needs_review": needs_review,
-        "review": {"reasons": reasons, "entropy_threshold": predictor.inference.review_entropy},
+        "review": {"reasons": reasons, "entropy_threshold": predictor.inference.review_entropy,
+                   "volume_cv_threshold": predictor.inference.review_volume_cv},
         "timings_s": {k: round(v, 4) for k, v in seconds.items()},
     }
 

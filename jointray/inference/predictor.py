@@ -171,7 +171,8 @@ class Predictor:
         """The request's MC settings, defaulted from config and checked against its limits (ValueError)."""
         samples = self.inference.mc_samples if mc_samples is None else mc_samples
         mode = self.inference.mc_mode if mc_mode is None else mc_mode
-        if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= self.inference.max_mc_samples:
+        limit = self.inference.max_mc_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= limit:
             raise ValueError(f"mc_samples={samples!r}: expected an integer from 1 to {self.inference.max_mc_samples}")
         if mode not in MC_MODES:
             raise ValueError(f"mc_mode={mode!r}: expected one of {list(MC_MODES)}")
@@ -255,25 +256,32 @@ class Predictor:
                                        self.structures, spacing)
             prediction.metrics = {k: float(v[0]) for k, v in seg.items() if k.split("/")[0] in ("dice", "hd95")}
             ref = np.bincount(case.label.ravel(), minlength=max(self.structures) + 1)
-            prediction.metrics |= {f"volume_ref/{name}": float(ref[k]) * voxel_mm3 for k, name in self.structures.items()}
+            prediction.metrics |= {f"volume_ref/{name}": float(ref[k]) * voxel_mm3
+                                   for k, name in self.structures.items()}
 
     @staticmethod
     def _inside(case: PreparedCase) -> np.ndarray:
         g, shape = case.geometry, case.image.shape[1:]
         inside = np.zeros(shape, dtype=bool)
-        inside[tuple(slice(max(0, -s), min(t, n - s)) for s, t, n in zip(g.crop_start, shape, g.resampled_shape))] = True
+        box = (slice(max(0, -s), min(t, n - s)) for s, t, n in zip(g.crop_start, shape, g.resampled_shape))
+        inside[tuple(box)] = True
         return inside
 
     def review(self, prediction: CasePrediction) -> tuple[bool, list[str]]:
-        """Whether a person should look at this case, and why: a structure not found, or one whose mean
-        predictive entropy exceeds ``inference.review_entropy``."""
-        reasons = []
+        """Whether a person should look at this case, and why: a structure not found, one whose MC volume SD
+        exceeds ``inference.review_volume_cv`` of its mean, or one whose mean predictive entropy exceeds
+        ``inference.review_entropy``."""
+        reasons, limits = [], self.inference
         for name, volume in prediction.volumes_mm3.items():
+            estimate, entropy = prediction.volume_estimates[name], prediction.uncertainty[name]["entropy"]
             if volume == 0:
                 reasons.append(f"{name}: not found")
-            elif prediction.uncertainty[name]["entropy"] > self.inference.review_entropy:
-                reasons.append(f"{name}: mean entropy {prediction.uncertainty[name]['entropy']:.3f} > "
-                               f"{self.inference.review_entropy:g}")
+                continue
+            if estimate.mean > 0 and estimate.std / estimate.mean > limits.review_volume_cv:
+                reasons.append(f"{name}: volume SD {estimate.std / estimate.mean:.0%} of its mean > "
+                               f"{limits.review_volume_cv:.0%}")
+            if entropy > limits.review_entropy:
+                reasons.append(f"{name}: mean entropy {entropy:.2f} > {limits.review_entropy:g} nats")
         return bool(reasons), reasons
 
     # -- all three, for batch evaluation ---------------------------------------------------------------------

@@ -103,7 +103,7 @@ def start(checkpoint: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     cfg = serving_config(checkpoint, overrides)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(AppArgs(checkpoint=str(checkpoint), overrides=list(overrides))), name=APP_NAME,
-              route_prefix="/")
+              route_prefix="/", logging_config={"log_level": cfg.serve.log_level})
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     wait_until_healthy(url)
     return url

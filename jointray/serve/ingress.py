@@ -221,7 +221,8 @@ class Ingress:
             if prediction.mask is None:
                 raise RequestError(422, "this model has no segmentation head")
             body, media, filename = await asyncio.to_thread(mask_files, prediction, uncertainty)
-            return Response(body, media_type=media, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+            disposition = f'attachment; filename="{filename}"'
+            return Response(body, media_type=media, headers={"Content-Disposition": disposition})
         return await self._guarded("/v1/predict/mask", request, handle)
 
     @api.get("/v1/model", summary="The served model: variant, version, trained heads, metrics, inputs")

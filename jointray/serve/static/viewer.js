@@ -319,7 +319,10 @@ function renderReview(result) {
   const review = byId("review");
   const info = result.review || {};
   const reasons = Array.isArray(info.reasons) ? info.reasons : [];
-  const threshold = isNumber(info.entropy_threshold) ? ` (entropy threshold ${info.entropy_threshold})` : "";
+  const limits = [];
+  if (isNumber(info.volume_cv_threshold)) limits.push(`volume SD threshold ${Math.round(info.volume_cv_threshold * 100)} % of the mean`);
+  if (isNumber(info.entropy_threshold)) limits.push(`entropy threshold ${info.entropy_threshold} nats`);
+  const threshold = limits.length ? ` (${limits.join(", ")})` : "";
   if (result.needs_review) {
     review.className = "badge badge-review";
     const detail = reasons.length ? `: ${reasons.map(reasonText).join("; ")}` : "";
