@@ -172,7 +172,7 @@ def fault(checkpoint: str, port: int, volumes, clients: int, seconds: float) -> 
 
 def train_checkpoint(minutes: float, root: str) -> str:
     cfg = load_config(REPO / "configs" / "msd_hippocampus.yaml", [
-        f"data.root={root}", "data.output=runs/bench_serve/prepared", "train.storage_path=runs",
+        f"data.root={root}", "data.output=runs/prepared/msd_hippocampus", "train.storage_path=runs",
         "train.name=bench_serve", f"train.max_minutes={minutes}", "train.epochs=200", "train.patience=null"])
     prepare_dataset(cfg)
     return str(run_training(cfg, announce=console.print).best_dir)
@@ -198,6 +198,10 @@ def main() -> None:
     scenarios = {
         "batch 1, deterministic": (["serve.max_batch_size=1"], {"mc_samples": "1"}),
         "batch 8, deterministic": (["serve.max_batch_size=8"], {"mc_samples": "1"}),
+        "batch 8, 1.5 CPUs (2 threads), deterministic": (["serve.max_batch_size=8", "serve.replica_cpus=1.5"],
+                                                         {"mc_samples": "1"}),
+        "batch 8, 2 replicas x 0.5 CPU, deterministic": (["serve.max_batch_size=8", "serve.replicas=2",
+                                                          "serve.replica_cpus=0.5"], {"mc_samples": "1"}),
         "batch 8, MC heads T=20": (["serve.max_batch_size=8"], {"mc_samples": "20", "mc_mode": "heads"}),
         "batch 8, MC decoder T=20": (["serve.max_batch_size=8"], {"mc_samples": "20", "mc_mode": "decoder"}),
         "batch 8, MC full T=20": (["serve.max_batch_size=8"], {"mc_samples": "20", "mc_mode": "full"}),

@@ -13,6 +13,7 @@ cannot be overridden. :func:`build_app` is also an application builder for a Ser
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def build_app(args: AppArgs | dict) -> Application:
         ray_actor_options={"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
         user_config={"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s},
         **scaling,
-    ).bind(checkpoint, cfg.inference.model_dump(), max(1, int(s.replica_cpus)))
+    ).bind(checkpoint, cfg.inference.model_dump(), max(1, math.ceil(s.replica_cpus)))
     return Ingress.options(
         num_replicas=s.ingress_replicas, ray_actor_options={"num_cpus": s.ingress_cpus},
         max_ongoing_requests=s.ingress_max_ongoing_requests,

@@ -32,6 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
@@ -42,6 +43,8 @@ from jointray.inference.cases import PreparedCase
 from jointray.inference.predictor import Predictor
 
 STATIC = Path(__file__).parent / "static"
+#: Tries of one request on the model deployment when the replica answering it dies.
+MODEL_ATTEMPTS = 2
 API_KEY_HEADER = "X-API-Key"
 logger = logging.getLogger("jointray.serve")
 
@@ -171,11 +174,22 @@ class Ingress:
         sent = time.perf_counter()
         # The display copy of the input stays here: only what the forward pass reads travels to the model.
         travelling = dataclasses.replace(case, original=None, label=None)
-        result = await self.model.forward.remote(travelling, samples, mode)
+        result = await self._forward(travelling, samples, mode)
         returned = time.perf_counter()
         prediction = await asyncio.to_thread(self.predictor.finish, case, result, samples, mode, entropy_map)
         seconds = dict(prediction.seconds) | {"forward": returned - sent, "total": time.perf_counter() - started}
         return case, prediction, seconds
+
+    async def _forward(self, case: PreparedCase, samples: int, mode: str):
+        """The model deployment's answer; a request caught on a replica that dies is sent once more (the
+        forward pass has no side effects), so a lost replica costs latency, not an error."""
+        for attempt in range(MODEL_ATTEMPTS):
+            try:
+                return await self.model.forward.remote(case, samples, mode)
+            except (RayActorError, ActorUnavailableError) as exc:
+                logger.warning("model replica lost during a request (%s); attempt %d of %d", type(exc).__name__,
+                               attempt + 1, MODEL_ATTEMPTS)
+        raise RequestError(503, "the model replica was lost twice while answering; try again")
 
     async def _guarded(self, route: str, request: Request, handler):
         started = time.perf_counter()
