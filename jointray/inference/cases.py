@@ -90,9 +90,10 @@ def _is_nifti_header(first4: bytes) -> bool:
     return any(struct.unpack(order + "i", first4)[0] in _NIFTI_HEADER_SIZES for order in "<>")
 
 
-def check_zip(data: bytes, name: str, max_bytes: int) -> None:
+def check_zip(data: bytes, name: str, max_bytes: int | None) -> None:
     """Refuse a zip before anything is inflated: unreadable, an unsafe member name, or more than ``max_bytes``
-    uncompressed in all (the sizes come from the central directory; :mod:`zipfile` never yields more)."""
+    uncompressed in all (the sizes come from the central directory; :mod:`zipfile` never yields more). Without
+    ``max_bytes`` the DICOM reader's per-file limit and ``data.max_voxels`` still bound what is read."""
     try:
         members = zipfile.ZipFile(io.BytesIO(data)).infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
@@ -102,7 +103,7 @@ def check_zip(data: bytes, name: str, max_bytes: int) -> None:
         if member.is_absolute() or ".." in member.parts or (member.parts and ":" in member.parts[0]):
             raise InputError(name, f"zip member name {info.filename!r} points outside the archive")
     total = sum(info.file_size for info in members)
-    if total > max_bytes:
+    if max_bytes is not None and total > max_bytes:
         raise InputError(name, f"zip holds {total:,} bytes uncompressed, over the limit of {max_bytes:,}")
 
 
@@ -178,7 +179,7 @@ class CasePreparer:
         started = time.perf_counter()
         suffix = sniff_suffix(data, name)
         if suffix == ".zip":
-            check_zip(data, name, max_bytes if max_bytes is not None else len(data) * 100)
+            check_zip(data, name, max_bytes)
         clean = check_clinical(clinical or {}, self.schema, name)
         with tempfile.TemporaryDirectory(prefix="jointray-upload-") as folder:
             path = Path(folder) / f"upload{suffix}"
