@@ -200,8 +200,8 @@ def _bad_requests(series_zip: bytes):
         ("NaN voxels", {"data": nifti(np.full((8, 8, 8), np.nan, np.float32))}, 422, "non-finite"),
         ("billions of voxels", {"data": header.binaryblock + b"\x00" * 1000}, 422, "27,000,000,000 voxels"),
         ("empty body", {"data": b""}, 422, "empty upload"),
-        ("zip without a series", {"data": zip_bytes({"notes.txt": b"hello"})}, 422, "no DICOM"),
-        ("two series", {"data": two_series.getvalue()}, 422, "series"),
+        ("zip without a series", {"data": zip_bytes({"notes.txt": b"hello"})}, 422, "no DICOM image files found"),
+        ("two series", {"data": two_series.getvalue()}, 422, "mixed series: 2 series found"),
         ("path traversal", {"data": zip_bytes({"../evil.dcm": series_zip[:100]})}, 422, "points outside the archive"),
         ("zip bomb", {"data": bomb.getvalue(), "name": "bomb.zip"}, 422, "uncompressed, over the limit"),
         ("clinical not JSON", {"data": good, "form": {"clinical": "{age: 71"}}, 422, "not valid JSON"),
@@ -227,7 +227,7 @@ def test_every_bad_input_gets_its_4xx_and_the_server_keeps_answering(server):
     assert not failures, failures
     # HTTP-level mistakes: no file field, not multipart, a body that streams past the limit without a length.
     no_file = requests.post(f"{server}/v1/predict", data={"clinical": "{}"}, headers=_headers(), timeout=60)
-    assert no_file.status_code == 415 or (no_file.status_code == 422 and "'file'" in no_file.text), no_file.text
+    assert no_file.status_code == 415 and "multipart/form-data" in no_file.text, no_file.text
     multipart_without_file = requests.post(f"{server}/v1/predict", files={"other": ("x", b"1")}, headers=_headers(),
                                            timeout=60)
     assert multipart_without_file.status_code == 422 and "missing form field 'file'" in multipart_without_file.text
@@ -329,7 +329,9 @@ def test_the_web_viewer_draws_the_overlay_in_headless_chromium(server):
         artifacts.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(artifacts / "viewer.png"))
         assert "anterior" in driver.find_element(By.ID, "results").text.lower()
-        assert "review" in driver.find_element(By.ID, "review").text
+        badge = driver.find_element(By.ID, "review").text
+        assert badge.startswith(("✓ no review flag", "⚠ needs review")), badge
+        assert "volume SD threshold 10 % of the mean" in badge and "entropy threshold 0.75 nats" in badge, badge
         overlay = driver.execute_script("""
             const counts = {};
             for (const id of ['axial', 'coronal', 'sagittal']) {

@@ -25,7 +25,7 @@ import ray
 import ray.data
 import torch
 
-from jointray.artifacts import load_model
+from jointray.artifacts import load_model, read_config
 from jointray.config import ConfigError, DataConfig
 from jointray.data.records import CaseRecord, Quarantined
 from jointray.data.sources import scan_path
@@ -76,9 +76,8 @@ class PredictorActor:
 
     def __init__(self, checkpoint: str, masks_dir: str, threads: int, tta: bool):
         torch.set_num_threads(threads)
-        predictor = Predictor(checkpoint)
-        self.predictor = Predictor(checkpoint, inference=predictor.inference.model_copy(update={"mirror": tta})) \
-            if predictor.inference.mirror != tta else predictor
+        inference = read_config(checkpoint).inference.model_copy(update={"mirror": tta})
+        self.predictor = Predictor(checkpoint, inference=inference)
         self.masks_dir = Path(masks_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

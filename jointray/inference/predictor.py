@@ -133,7 +133,7 @@ class Predictor:
                  inference: InferenceConfig | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         artifact = load_model(checkpoint, map_location=self.device)
-        self.artifact, self.checkpoint = artifact, Path(checkpoint)
+        self.artifact = artifact
         self.config, self.spec, self.schema = artifact.config, artifact.spec, artifact.schema
         self.inference = inference or self.config.inference
         self.model = to_layout(build_model(self.config.model, self.spec.channels, self.schema).to(self.device),
