@@ -29,7 +29,8 @@ from typing import Any
 import torch
 import yaml
 
-from jointray.config import Config, PreprocessSpec
+from jointray.config import Config
+from jointray.data.spec import PreprocessSpec
 from jointray.data.clinical import ClinicalSchema
 
 STATE_FILE = "checkpoint.pt"

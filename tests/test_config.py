@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from jointray.config import Config, ConfigError, PreprocessSpec, load_config
+from jointray.config import Config, ConfigError, load_config
+from jointray.data.spec import PreprocessSpec
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ import torch
 from conftest import MSD_TRAIN_CASES, shared_data, zip_bytes
 
 from jointray.artifacts import CheckpointError, export_artifact, load_model
-from jointray.config import InferenceConfig, PreprocessSpec
+from jointray.config import InferenceConfig
+from jointray.data.spec import PreprocessSpec
 from jointray.data.clinical import CategoricalFeature, ClinicalSchema, NumericFeature
 from jointray.data.errors import InputError
 from jointray.data.preprocess import preprocess_case, restore_to_original

@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jointray.config import PreprocessSpec
+from jointray.data.spec import PreprocessSpec
 from jointray.data.preprocess import preprocess_case, restore_to_original
 
 

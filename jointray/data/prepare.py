@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 
-from jointray.config import Config, PreprocessSpec
+from jointray.config import Config
+from jointray.data.spec import PreprocessSpec
 from jointray.data.errors import InputError
 from jointray.data.preprocess import preprocess_case
 from jointray.data.records import CaseRecord, Quarantined

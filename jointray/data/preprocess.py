@@ -1,6 +1,6 @@
 """Preprocessing of one case, and its exact inverse for masks.
 
-Steps (every parameter lives in :class:`~jointray.config.PreprocessSpec`):
+Steps (every parameter lives in :class:`~jointray.data.spec.PreprocessSpec`):
 
 1. **Reorient** to RAS+ by permuting/flipping voxel axes (no interpolation; nibabel orientations).
 2. **Resample** to ``target_spacing``: trilinear for images, nearest for labels, with the
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from monai.transforms import NormalizeIntensity, ScaleIntensityRangePercentiles
 from nibabel import orientations as ornt_lib
 
-from jointray.config import PreprocessSpec
+from jointray.data.spec import PreprocessSpec
 
 #: Relative difference below which a spacing counts as already on target (no resampling).
 SPACING_TOLERANCE = 1e-3

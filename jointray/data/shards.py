@@ -8,7 +8,7 @@ targets ``mmse``/``cdr``/``time``/``event`` (float64, NaN = missing), ``split`` 
 ``fold`` (-1 = none), ``source_images`` (JSON list of paths), ``source_label`` ("" = none), and one
 ``clin_<name>`` column per clinical variable (float64 with NaN, or string with nulls).
 
-Beside the shards: ``spec.json`` (the :class:`~jointray.config.PreprocessSpec` and its digest) and
+Beside the shards: ``spec.json`` (the :class:`~jointray.data.spec.PreprocessSpec` and its digest) and
 ``report.json`` (what was prepared and what was quarantined, and why).
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 from ray.data.extensions import ArrowTensorArray
 
-from jointray.config import PreprocessSpec
+from jointray.data.spec import PreprocessSpec
 from jointray.data.preprocess import Geometry, Prepared
 from jointray.data.records import TARGETS, CaseRecord
 

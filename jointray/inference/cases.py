@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from jointray.config import PreprocessSpec
+from jointray.data.spec import PreprocessSpec
 from jointray.data.clinical import ClinicalSchema
 from jointray.data.errors import InputError
 from jointray.data.preprocess import Geometry, preprocess_case

@@ -44,8 +44,9 @@ from scipy import ndimage
 from jointray.data.clinical import ClinicalInput
 from jointray.losses.ordinal import coral_predict, coral_probabilities
 from jointray.models import MCSampler
-from jointray.models.joint import JointModel, JointOutput
+from jointray.models.joint import JointModel
 from jointray.models.layout import image_in_layout
+from jointray.tasks import JointOutput
 
 
 @dataclass

@@ -6,8 +6,6 @@ backpropagate; keeping the per-task values separate is what lets them weigh task
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -17,19 +15,7 @@ from jointray.losses.ordinal import CoralLoss, cdr_to_class, coral_probabilities
 from jointray.losses.regression import MaskedHuberLoss
 from jointray.losses.segmentation import DeepSupervisionDiceCE
 from jointray.losses.survival import CoxPHLoss
-from jointray.models.joint import JointOutput
-
-
-@dataclass
-class Targets:
-    """label (B, X, Y, Z) long; has_label (B,) bool; mmse, cdr (stage), time, event (B,) float, NaN = missing."""
-
-    label: torch.Tensor | None = None
-    has_label: torch.Tensor | None = None
-    mmse: torch.Tensor | None = None
-    cdr: torch.Tensor | None = None
-    time: torch.Tensor | None = None
-    event: torch.Tensor | None = None
+from jointray.tasks import JointOutput, Targets
 
 
 class JointLoss(nn.Module):

@@ -22,7 +22,7 @@ Data flow (v2)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from jointray.models.decoder import SegmentationDecoder
 from jointray.models.encoder import DualViewEncoder, ImageEncoder
 from jointray.models.fusion import ClinicalCrossAttention, FiLM
 from jointray.models.heads import OutcomeHeads, StructurePooling
+from jointray.tasks import JointOutput
 
 #: Width of the shared outcome representation h.
 OUTCOME_DIM = 128
@@ -58,16 +59,6 @@ VARIANTS = {
     "seg_only": VariantSpec(segmentation=True, outcomes=False, clinical_fusion=False, cross_task=False),
     "outcome_only": VariantSpec(segmentation=False, outcomes=True, attention_gates=False, cross_task=False),
 }
-
-
-@dataclass
-class JointOutput:
-    """``seg``: logits [(B, K, X, Y, Z), (B, K, X/2, ...), (B, K, X/4, ...)] or None;
-    ``outcomes``: name → (B,) or (B, K-1) for ``cdr``; ``hidden``: the outcome representation (B, D)."""
-
-    seg: list[torch.Tensor] | None
-    outcomes: dict[str, torch.Tensor] = field(default_factory=dict)
-    hidden: torch.Tensor | None = None
 
 
 class JointModel(nn.Module):

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from jointray.data.clinical import ClinicalInput
-from jointray.models.joint import JointModel, JointOutput
+from jointray.models.joint import JointModel
+from jointray.tasks import JointOutput
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 MC_MODES = ("full", "decoder", "heads")

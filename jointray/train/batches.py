@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from jointray.data.clinical import ClinicalInput, ClinicalSchema
-from jointray.losses.joint import Targets
 from jointray.models.layout import image_in_layout
+from jointray.tasks import Targets
 
 
 @dataclass

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from jointray.artifacts import read_checkpoint, write_checkpoint
-from jointray.config import Config, PreprocessSpec
+from jointray.config import Config
+from jointray.data.spec import PreprocessSpec
 from jointray.data.clinical import ClinicalSchema
 from jointray.losses.joint import JointLoss
 from jointray.metrics.cohort import validation_metrics
