@@ -9,7 +9,7 @@ from pathlib import Path
 # Run the submitted working directory's code, also on nodes where jointray is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jointray.cli import app  # noqa: E402
+from jointray.cli import app
 
 if __name__ == "__main__":
     app(["evaluate", *sys.argv[1:]])

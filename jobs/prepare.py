@@ -1,6 +1,6 @@
 """Ray job entry for ``jointray prepare``: the same code path as the CLI.
 
-    ray job submit --working-dir . -- python jobs/prepare.py --config configs/msd_hippocampus.yaml data.root=...
+    ray job submit --working-dir . -- python jobs/prepare.py --config msd_hippocampus data.root=...
 """
 
 import sys
@@ -9,7 +9,7 @@ from pathlib import Path
 # Run the submitted working directory's code, also on nodes where jointray is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jointray.cli import app  # noqa: E402
+from jointray.cli import app
 
 if __name__ == "__main__":
     app(["prepare", *sys.argv[1:]])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,17 +20,33 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+import jointray
+from jointray import builtin_configs
 from jointray.config import Config, ConfigError, load_config
+from jointray.preflight import check_checkpoint, check_evaluate, check_prepare, check_train
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 console = Console()
 
 #: How many quarantined inputs the terminal shows; the JSON report always has all of them.
 SHOWN_QUARANTINE_ROWS = 20
+CONFIG_HELP = f"YAML config file, or a built-in config by name: {', '.join(builtin_configs.names())}"
+#: The real DICOM study the demo sends, from the shared data beside the source checkout (absent from an
+#: installed wheel: then the demo sends the synthetic case only).
+DEMO_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom_hippocrop" / "study1"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"jointray {jointray.__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                  help="print jointray's version and exit"),
+) -> None:
     """jointray: joint segmentation and clinical outcome learning for 3D medical imaging on Ray."""
 
 
@@ -44,7 +61,7 @@ def _usage_errors(*kinds: type[Exception]):
         raise typer.Exit(2) from None
 
 
-def _config(path: Path | None, overrides: list[str] | None) -> Config:
+def _config(path: str | None, overrides: list[str] | None) -> Config:
     with _usage_errors():
         return load_config(path, overrides or [])
 
@@ -75,15 +92,18 @@ def _print_prepare_report(report) -> None:
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def prepare(
-    config: Path = typer.Option(None, "--config", "-c", help="YAML config file"),
+    config: str = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. data.root=../data"),
     strict: bool = typer.Option(False, help="exit non-zero if any input is quarantined"),
 ) -> None:
     """Validate and preprocess a dataset into Parquet shards, a PreprocessSpec and a quarantine report."""
+    cfg = _config(config, overrides)
+    with _usage_errors():
+        check_prepare(cfg)
+    # These take seconds to import (Ray, torch, MONAI): after the checks, so that a typo fails at once.
     from jointray.data.prepare import prepare_dataset
     from jointray.runtime import init_ray
 
-    cfg = _config(config, overrides)
     init_ray(cfg.ray)
     with _usage_errors():
         report = prepare_dataset(cfg)
@@ -98,15 +118,18 @@ def prepare(
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
-    config: Path = typer.Option(None, "--config", "-c", help="YAML config file"),
+    config: str = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. train.epochs=5"),
 ) -> None:
     """Train the joint model on Ray Train from prepared shards; prints where the best checkpoint is."""
+    cfg = _config(config, overrides)
+    with _usage_errors():
+        check_train(cfg)
+    # These take seconds to import (Ray, torch, MONAI): after the checks, so that a typo fails at once.
     from jointray.runtime import init_ray
     from jointray.train.progress import summary_table
     from jointray.train.trainer import run_training
 
-    cfg = _config(config, overrides)
     init_ray(cfg.ray)
     with _usage_errors():
         result = run_training(cfg, announce=console.print)
@@ -120,7 +143,7 @@ def _print_evaluation(report) -> None:
     summary.add_row("predicted", f"[green]{report.predicted}[/green]")
     summary.add_row("quarantined", f"[yellow]{len(report.quarantined)}[/yellow]")
     for key, value in report.metrics.items():
-        summary.add_row(key, f"{value:.4f}" if value == value else "n/a")
+        summary.add_row(key, "n/a" if math.isnan(value) else f"{value:.4f}")
     summary.add_row("time", f"{report.elapsed_s:.1f} s")
     console.print(summary)
     for q in report.quarantined[:SHOWN_QUARANTINE_ROWS]:
@@ -135,16 +158,22 @@ def evaluate(
     data: Path = typer.Option(..., "--data", help="MSD folder, manifest CSV/Parquet, NIfTI folder or DICOM series"),
     out: Path = typer.Option(..., "--out", help="output folder: masks/, cases.csv, summary.json"),
     labels: Path = typer.Option(None, "--labels", help="for a NIfTI folder: reference labels under the same names"),
-    workers: int = typer.Option(None, "--workers", help="Ray Data actors (default: one per CPU)"),
+    workers: int = typer.Option(None, "--workers", min=1, help="Ray Data actors, at least 1 (default: one per CPU "
+                                "of the Ray cluster); never more than its CPUs or the cases"),
     batch_size: int = typer.Option(2, "--batch-size", min=1),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="test-time mirroring along the axes training mirrored"),
 ) -> None:
     """Run a checkpoint over a dataset on Ray Data: masks in each input's own space, per-case CSV, JSON summary."""
-    from jointray.artifacts import CheckpointError
+    with _usage_errors():
+        check_evaluate(checkpoint, data, labels)
+    # These take seconds to import (Ray, torch, MONAI): after the checks, so that a typo fails at once.
+    from jointray.artifacts import CheckpointError, read_config
     from jointray.config import RayConfig
     from jointray.inference.evaluate import evaluate as run_evaluation
     from jointray.runtime import init_ray
 
+    with _usage_errors(CheckpointError):
+        read_config(checkpoint)  # a folder that is not a checkpoint (runs/<name> for runs/<name>/best) fails here
     init_ray(RayConfig())
     with _usage_errors(CheckpointError):
         report = run_evaluation(checkpoint, data, out, labels=labels, workers=workers, batch_size=batch_size,
@@ -181,6 +210,9 @@ def serve(
     import signal
     import time
 
+    with _usage_errors():
+        check_checkpoint(checkpoint)
+    # These take seconds to import (Ray, torch, MONAI): after the check, so that a typo fails at once.
     from jointray.artifacts import CheckpointError
     from jointray.config import RayConfig
     from jointray.runtime import init_ray
@@ -278,11 +310,16 @@ def predict(
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def demo(
-    config: Path = typer.Option(Path("configs/synthetic.yaml"), "--config", "-c", help="YAML config file"),
+    config: str = typer.Option("synthetic", "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. train.epochs=3"),
     held_out: int = typer.Option(16, "--held-out", min=1, help="held-out synthetic subjects to evaluate on"),
 ) -> None:
     """The whole path on the synthetic cohort: prepare → train → evaluate on held-out subjects → serve over HTTP."""
+    cfg = _config(config, overrides)
+    if cfg.data.format != "synthetic":
+        console.print("[red]error:[/red] the demo runs on the synthetic cohort (data.format=synthetic)")
+        raise typer.Exit(2)
+    # These take seconds to import (Ray, torch, MONAI): after the check, so that a wrong config fails at once.
     from jointray.data.prepare import prepare_dataset
     from jointray.data.synthetic import generate_cohort
     from jointray.inference.evaluate import evaluate as run_evaluation
@@ -290,10 +327,6 @@ def demo(
     from jointray.train.progress import summary_table
     from jointray.train.trainer import run_training
 
-    cfg = _config(config, overrides)
-    if cfg.data.format != "synthetic":
-        console.print("[red]error:[/red] the demo runs on the synthetic cohort (data.format=synthetic)")
-        raise typer.Exit(2)
     init_ray(cfg.ray)
     console.rule("1/4 prepare")
     report = prepare_dataset(cfg)
@@ -315,9 +348,7 @@ def demo(
 
 def _demo_serving(checkpoint: Path, manifest: Path, out: Path) -> None:
     """Serve ``checkpoint`` on a free loopback port, send one held-out synthetic case (with its clinical record)
-    and one real DICOM study (where ../shared/data has one) through the HTTP client, then shut down."""
-    import math
-
+    and one real DICOM study (:data:`DEMO_DICOM`, where there is one) through the HTTP client, then shut down."""
     import pandas as pd
     from ray import serve as ray_serve
 
@@ -334,9 +365,10 @@ def _demo_serving(checkpoint: Path, manifest: Path, out: Path) -> None:
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
             clinical[name] = value.item() if hasattr(value, "item") else value
     inputs = [manifest.parent / row["image"]]
-    dicom = Path("../shared/data/dicom_hippocrop/study1")
-    if dicom.is_dir():
-        inputs.append(dicom)
+    if DEMO_DICOM.is_dir():
+        inputs.append(DEMO_DICOM)
+    else:
+        console.print(f"no DICOM study at {DEMO_DICOM}: sending the synthetic case only")
     url = start(checkpoint, [f"serve.port={free_port(8000)}"])
     console.print(f"serving at {url} (viewer {url}/, API {url}/docs)")
     try:
@@ -349,9 +381,22 @@ def _demo_serving(checkpoint: Path, manifest: Path, out: Path) -> None:
         console.print("server shut down")
 
 
+@app.command("config", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def show_config(
+    config: str = typer.Argument(..., help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. train.epochs=5"),
+) -> None:
+    """Print the resolved configuration as YAML: every key after the overrides, data paths as given."""
+    import yaml
+
+    cfg = _config(config, overrides)
+    # Lists of scalars on one line ([48, 48, 48]), as the shipped files write them.
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=None), nl=False)
+
+
 @app.command("model-summary", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def model_summary(
-    config: Path = typer.Option(None, "--config", "-c", help="YAML config file"),
+    config: str = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. model.variant=dv1"),
 ) -> None:
     """Print the configured model's parameters, FLOPs per case and output shapes."""

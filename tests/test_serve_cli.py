@@ -47,10 +47,18 @@ def test_jointray_serve_answers_until_interrupted_then_shuts_down(msd_checkpoint
     raise AssertionError(f"port {port} still answers after the server was interrupted")
 
 
-def test_bad_serve_requests_fail_before_ray_starts(tmp_path):
+def test_bad_serve_requests_fail_before_ray_starts(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from jointray.cli import app
 
-    result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path / "nothing")])
-    assert result.exit_code == 2 and "not a complete jointray checkpoint" in " ".join(result.output.split())
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the command started Ray")
+
+    monkeypatch.setattr("jointray.runtime.init_ray", refuse)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", "nothing"])
+    assert result.exit_code == 2 and " ".join(result.output.split()) == "error: --checkpoint nothing does not exist"
+    (tmp_path / "runs").mkdir()  # runs/<name> where runs/<name>/best was meant
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", "runs"])
+    assert result.exit_code == 2 and "runs: not a complete jointray checkpoint" in " ".join(result.output.split())

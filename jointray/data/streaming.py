@@ -3,8 +3,8 @@
 The split is by subject and deterministic: a manifest's own ``fold`` column wins; other subjects
 are assigned to ``n_folds`` folds by a seeded permutation of their sorted IDs, so the same seed
 always gives the same folds whatever the order of the shards. Subjects whose ``split`` is "test"
-are held out of both. Augmentation (MONAI random transforms) runs in ``map_batches`` on the
-training dataset only.
+are held out of both. The datasets stream the shards' rows unchanged, in shard order;
+augmentation happens where each batch's seed is known (:mod:`jointray.data.augment`).
 """
 
 from __future__ import annotations
@@ -16,18 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
-import torch
-from monai.transforms import (
-    Compose,
-    RandAffined,
-    RandFlipd,
-    RandGaussianNoised,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-)
-from ray.data.extensions import ArrowTensorArray
 
-from jointray.config import AugmentConfig, TrainConfig
+from jointray.config import TrainConfig
 from jointray.data.shards import SHARDS_DIR
 
 #: CPUs each read/augment task asks for. Less than one, so that the data tasks fit beside fractional
@@ -60,41 +50,6 @@ def split_subjects(shards: str | Path, n_folds: int, fold: int, seed: int) -> tu
     return train, val
 
 
-def _augmentation(cfg: AugmentConfig) -> Compose:
-    keys = ["image", "label"]
-    rotate = np.deg2rad(cfg.rotate_deg)
-    return Compose([
-        *[RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=axis) for axis in cfg.flip_axes],
-        RandAffined(keys, prob=cfg.affine_prob, rotate_range=(rotate,) * 3, scale_range=(cfg.scale,) * 3,
-                    mode=("bilinear", "nearest"), padding_mode="zeros"),
-        RandAffined(keys, prob=cfg.shift_prob, translate_range=(cfg.shift_voxels,) * 3, mode=("bilinear", "nearest"),
-                    padding_mode="zeros"),
-        RandScaleIntensityd("image", factors=0.1, prob=cfg.intensity_prob),
-        RandShiftIntensityd("image", offsets=0.1, prob=cfg.intensity_prob),
-        RandGaussianNoised("image", std=cfg.noise_std, prob=cfg.intensity_prob),
-    ])
-
-
-def augment_batch(batch: pa.Table, cfg_json: str) -> pa.Table:
-    """Apply one independent random augmentation per case; image (B, C, X, Y, Z), label (B, X, Y, Z).
-
-    Works on Arrow batches so that the other columns pass through with their types untouched.
-    """
-    cfg = AugmentConfig.model_validate_json(cfg_json)
-    transform = _augmentation(cfg)
-    # Fresh entropy per batch: re-seeding identically in every task would repeat the same
-    # "random" transform each epoch.
-    transform.set_random_state(seed=int(np.random.SeedSequence().generate_state(1)[0]))
-    images, labels = [], []
-    for image, label in zip(batch["image"].combine_chunks().to_numpy(), batch["label"].combine_chunks().to_numpy()):
-        out = transform({"image": torch.from_numpy(np.array(image)), "label": torch.from_numpy(np.array(label))[None]})
-        images.append(np.asarray(out["image"], dtype=np.float32))
-        labels.append(np.asarray(out["label"])[0].astype(np.uint8))
-    for name, values in (("image", images), ("label", labels)):
-        batch = batch.set_column(batch.schema.get_field_index(name), name, ArrowTensorArray.from_numpy(np.stack(values)))
-    return batch
-
-
 def _read_subjects(batch: pa.Table, keep: list[str]) -> pa.Table:
     """The rows of the subjects in ``keep`` from the shard files named in ``batch["path"]``."""
     return pa.concat_tables([pq.read_table(path, filters=pc.field("subject_id").isin(keep))
@@ -114,10 +69,6 @@ def subjects_dataset(prepared: str | Path, subject_ids: list[str]) -> ray.data.D
 
 
 def train_val_datasets(prepared: str | Path, cfg: TrainConfig) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    """Ray Datasets over the shards of ``prepared``: (augmented training fold(s), validation fold)."""
+    """Ray Datasets over the shards of ``prepared``: (training fold(s), validation fold)."""
     train_ids, val_ids = split_subjects(prepared, cfg.n_folds, cfg.fold, cfg.seed)
-    train, val = subjects_dataset(prepared, train_ids), subjects_dataset(prepared, val_ids)
-    if cfg.augment.enabled:
-        train = train.map_batches(augment_batch, fn_kwargs={"cfg_json": cfg.augment.model_dump_json()},
-                                  batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=DATA_TASK_CPUS)
-    return train, val
+    return subjects_dataset(prepared, train_ids), subjects_dataset(prepared, val_ids)

@@ -38,10 +38,18 @@ class JointLoss(nn.Module):
         self.correlation_weight = cfg.correlation_weight
 
     def forward(self, out: JointOutput, targets: Targets) -> dict[str, torch.Tensor]:
+        """Losses in fp32 whatever the model's precision: under bf16/fp16 autocast the heads' outputs
+        would otherwise meet Huber, CORAL and the Cox partial likelihood (a ``logcumsumexp`` over the
+        batch) in half precision, and autocast would run any matmul inside the losses in it too."""
+        device = (out.seg[0] if out.seg is not None else next(iter(out.outcomes.values()))).device
+        with torch.autocast(device.type, enabled=False):
+            return self._losses(out, targets)
+
+    def _losses(self, out: JointOutput, targets: Targets) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
         if out.seg is not None and targets.label is not None:
             losses["seg"] = self.seg(out.seg, targets.label, targets.has_label)
-        o = out.outcomes
+        o = {name: value.float() for name, value in out.outcomes.items()}
         if "mmse" in o and targets.mmse is not None:
             losses["mmse"] = self.mmse(o["mmse"], targets.mmse)
         cdr_class = None

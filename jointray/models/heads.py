@@ -62,9 +62,12 @@ class OutcomeHeads(nn.Module):
             self.out["risk"] = nn.Linear(dim, 1, bias=False)
 
     def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Outputs in fp32 under any autocast: in bf16 an MMSE near 26 could only take steps of 1/8 point."""
         result = {}
         for name in self.names:
-            z = self.out[name](self.trunk[name](h))
+            features = self.trunk[name](h)
+            with torch.autocast(h.device.type, enabled=False):
+                z = self.out[name](features.float())
             if name == "mmse":
                 result[name] = MMSE_MAX * torch.sigmoid(z.squeeze(-1))
             elif name == "cdr":

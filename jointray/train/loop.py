@@ -1,14 +1,17 @@
-"""The per-worker training loop that Ray Train runs (one process per worker, DDP between them).
+"""The training recipe that Ray Train runs on every worker (one process each, DDP between them).
 
-Each epoch: stream the worker's shard of the (augmented) training data, weigh the task losses with
-the curriculum phase and the balancer, step AdamW under a warm-up + cosine schedule scaled by the
-phase's peak learning rate, then validate on the worker's shard of the validation data, gather the
-per-case results from every worker, compute metrics and the combined score, and report them — with
-a checkpoint from rank 0 — to Ray Train. A restarted worker resumes from the latest checkpoint.
+:meth:`JointTrainer.run` is the whole loop on one screen: each epoch trains on the worker's shard of
+the training data (augmented in the worker, seeded per batch), validates on the worker's share of the
+validation subjects, gathers the per-case results from every worker into metrics and the combined
+score, and reports them with a checkpoint. A restarted worker group resumes from the latest
+checkpoint exactly where the uninterrupted run would be: model, optimizer, balancer, scaler, counters
+and every rank's random number generators are restored, and the data order and augmentation are
+functions of (seed, epoch, rank, batch) alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -16,10 +19,12 @@ import random
 import tempfile
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -27,17 +32,18 @@ import torch.distributed as dist
 
 from jointray.artifacts import read_checkpoint, write_checkpoint
 from jointray.config import Config
-from jointray.data.spec import PreprocessSpec
+from jointray.data.augment import AUGMENT, RESTART, SHUFFLE, Augmenter, stream_seed
 from jointray.data.clinical import ClinicalSchema
+from jointray.data.spec import PreprocessSpec
 from jointray.losses.joint import JointLoss
 from jointray.metrics.cohort import validation_metrics
 from jointray.models import build_model
 from jointray.models.joint import JointModel
 from jointray.models.layout import to_layout
 from jointray.precision import autocast_for
-from jointray.train.balancing import LossBalancer, make_balancer
+from jointray.train.balancing import make_balancer
 from jointray.train.batches import to_model_batch
-from jointray.train.curriculum import Curriculum
+from jointray.train.curriculum import Curriculum, Phase
 from jointray.train.progress import epoch_line
 from jointray.train.tracking import Tracker
 from jointray.train.validation import combined_score, predict_cases
@@ -60,254 +66,342 @@ def training_progress(step: int, total_steps: int, warmup_steps: int, elapsed_s:
     return min(1.0, max(by_steps, elapsed_s / budget_s))
 
 
-def _shared_elapsed(started: float, world: int, device: torch.device, budget_s: float) -> float:
-    """Seconds since ``started``, the same on every rank (the slowest clock), so that every worker
-    takes the same learning rate, curriculum phase and decision to stop — a rank that stopped alone
-    would leave the others waiting in DDP's all-reduce forever. Without a budget the clock decides
-    nothing, and each rank keeps its own (no extra all-reduce per step)."""
-    elapsed = time.perf_counter() - started
-    if world == 1 or not math.isfinite(budget_s):
-        return elapsed
-    value = torch.tensor([elapsed], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return float(value)
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's generators (Python, NumPy, torch CPU, and CUDA where used), as plain tensors and
+    numbers so that the checkpoint loads with ``torch.load(weights_only=True)``."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def _validation_rows(raw: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray] | None:
-    """This rank's share of a validation batch. Every worker reads the whole (unsplit) validation set
-    and predicts the subjects that hash to its rank: disjoint, complete, whatever the read order —
-    an equal split would drop the remainder cases from the metrics."""
-    if world == 1:
-        return raw
-    mine = np.array([zlib.crc32(str(s).encode()) % world == rank for s in raw["subject_id"]])
-    if not mine.any():
-        return None
-    return {k: (v[mine] if isinstance(v, np.ndarray) else [x for x, m in zip(v, mine) if m]) for k, v in raw.items()}
-
-
-def _unwrap(model: torch.nn.Module) -> JointModel:
-    return model.module if hasattr(model, "module") else model
-
-
-def _tasks(model: JointModel) -> list[str]:
-    tasks = ["seg"] if model.decoder is not None else []
-    return tasks + (list(model.cfg.heads) if model.heads is not None else [])
-
-
-def _all_mean(values: dict[str, float], world: int) -> dict[str, float]:
-    """Mean of each value over workers (NaN where a worker never saw the task)."""
-    if world == 1:
-        return values
-    gathered: list[dict[str, float]] = [{} for _ in range(world)]
-    dist.all_gather_object(gathered, values)
-    keys = set().union(*gathered)
-    return {k: float(np.nanmean([g.get(k, math.nan) for g in gathered])) for k in keys}
-
-
-def _sync_balancer(balancer: LossBalancer, world: int) -> None:
-    """Learnable balancer state lives outside DDP: average it across workers so every rank agrees."""
-    if world == 1:
-        return
-    for tensor in list(balancer.parameters()):
-        if tensor.grad is not None:
-            dist.all_reduce(tensor.grad)
-            tensor.grad /= world
-    if hasattr(balancer, "task_weights"):  # GradNorm updates its weights itself, from each rank's batch
-        dist.all_reduce(balancer.task_weights.data)
-        balancer.task_weights.data /= world
-
-
-def _inject_fault(cfg: Config, step: int, rank: int, marker: Path | None) -> None:
-    """Fault-tolerance testing: kill this worker process at ``train.fault_at_step``, once per run."""
-    at = cfg.train.fault_at_step or int(os.environ.get("JOINTRAY_FAULT_AT_STEP", 0)) or None
-    if at is None or step != at or rank != 0 or marker is None or marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"fault injected at step {step}\n")
-    os._exit(1)  # a hard crash, as a lost node looks to Ray: no exception handling, no cleanup
-
-
-def _node_count(world: int) -> int:
-    """Distinct Ray nodes that host this run's workers (reported, so placement can be checked)."""
-    node = ray.get_runtime_context().get_node_id()
-    if world == 1:
-        return 1
-    nodes: list[str] = [""] * world
-    dist.all_gather_object(nodes, node)
-    return len(set(nodes))
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-            "python": list(random.getstate()[1])}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _quiet_worker_logs(level: str) -> None:
-    """``train.log_level`` for the loggers that print on every epoch from inside a worker: Ray Data's
-    (dataset execution lines) and Ray Train 2.60's report log, which records the whole metrics dict
-    at INFO from a logger named by its file path — out of reach of ``ray.train.LoggingConfig``."""
-    from ray.train.v2._internal.execution import context as train_context
-
-    for name in ("ray.data", train_context.__file__):
+def quiet_worker_logs(level: str) -> None:
+    """``train.log_level`` for the loggers that print on every epoch inside a worker: Ray Data's, and
+    those Ray modules that log under their file path rather than a dotted name (Train 2.60's report
+    log records the whole metrics dict at INFO that way, out of reach of ``ray.train.LoggingConfig``)."""
+    ray_dir = os.path.dirname(ray.__file__)
+    for name in ["ray.data", *(n for n in logging.root.manager.loggerDict if n.startswith(ray_dir))]:
         logging.getLogger(name).setLevel(level)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    cfg = Config.model_validate_json(loop_config["config"])
-    _quiet_worker_logs(cfg.train.log_level)
-    spec = PreprocessSpec.model_validate_json(loop_config["spec"])
-    schema = ClinicalSchema.model_validate_json(loop_config["schema"])
-    steps_per_epoch: int = loop_config["steps_per_epoch"]
-    fault_marker = Path(loop_config["fault_marker"]) if loop_config.get("fault_marker") else None
+@dataclass
+class Comms:
+    """This worker's place in the group; the collective helpers are no-ops for a single worker."""
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(loop_config["threads"])
-    torch.manual_seed(cfg.train.seed + rank)
-    np.random.seed(cfg.train.seed + rank)
-    random.seed(cfg.train.seed + rank)
-    device = ray.train.torch.get_device()
-    nodes = _node_count(world)
+    rank: int
+    world: int
+    device: torch.device
 
-    model = to_layout(build_model(cfg.model, spec.channels, schema), cfg.train.channels_last)
-    tasks = _tasks(model)
-    shared = list(model.encoder.levels[-1].parameters()) if model.encoder is not None else list(
-        model.to_hidden.parameters())
-    balancer = make_balancer(cfg.train.balancer, tasks, shared).to(device)
-    curriculum = Curriculum(cfg.train.curriculum, lr=cfg.train.lr)
-    loss_fn = JointLoss(cfg.model, cfg.train.loss)
-    model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.AdamW([
-        {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.train.weight_decay},
-        {"params": [p for p in balancer.parameters() if p.requires_grad], "weight_decay": 0.0},
-    ], lr=cfg.train.lr)
-    autocast, scaler = autocast_for(cfg.train.precision, device)
-    structures = {k: v for k, v in cfg.data.label_names.items() if k != 0}
-    spacing = tuple(spec.target_spacing) if spec.target_spacing else (1.0, 1.0, 1.0)
+    def max(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)  # NCCL reduces GPU tensors only
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor)
 
-    epoch, step, best, stale, elapsed_before = 0, 0, -math.inf, 0, 0.0
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as folder:
-            state = read_checkpoint(folder, map_location=device).state
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        balancer.load_state_dict(state["balancer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        epoch, step, best, stale = state["epoch"] + 1, state["step"], state["best"], state["stale"]
-        elapsed_before = state["elapsed_s"]
-        _set_rng_state(state["rng"])
-    tracker = Tracker(cfg, loop_config.get("tensorboard_dir"), loop_config.get("mlflow_uri"),
-                      resumed is not None) if rank == 0 else None
+    def gather(self, value: Any) -> list[Any]:
+        if self.world == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
 
-    total_steps = cfg.train.epochs * steps_per_epoch
-    warmup_steps = int(cfg.train.warmup_epochs * steps_per_epoch)
-    budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
-    started = time.perf_counter() - elapsed_before
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    stop = False
-    while epoch < cfg.train.epochs and not stop:
-        phase = curriculum.at(training_progress(epoch * steps_per_epoch, total_steps, 0,
-                                                _shared_elapsed(started, world, device, budget_s), budget_s))
-        model.train()
-        balancer.train()
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Mean of each value over workers (NaN where no worker saw the task)."""
+        gathered = self.gather(values)
+        keys = sorted(set().union(*gathered))
+        return {k: float(np.nanmean([g.get(k, math.nan) for g in gathered])) for k in keys}
+
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        if self.world == 1:
+            return
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+    def owns(self, subject_id: str) -> bool:
+        """Whether this rank validates ``subject_id``: disjoint and complete over ranks, whatever the read order."""
+        return self.world == 1 or zlib.crc32(str(subject_id).encode()) % self.world == self.rank
+
+
+class JointTrainer:
+    """One worker's training run. ``loop_config`` comes from :func:`jointray.train.trainer.run_training`."""
+
+    def __init__(self, loop_config: dict[str, Any]):
+        self.cfg = Config.model_validate_json(loop_config["config"])
+        self.spec = PreprocessSpec.model_validate_json(loop_config["spec"])
+        self.schema = ClinicalSchema.model_validate_json(loop_config["schema"])
+        self.loop_config = loop_config
+        self.steps_per_epoch: int = loop_config["steps_per_epoch"]
+        self.epoch, self.step, self.best, self.stale, self.elapsed_before = 0, 0, -math.inf, 0, 0.0
+        self.stop = False
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.setup()
+        train = self.cfg.train
+        while self.epoch < train.epochs and not self.stop:
+            phase = self.curriculum.at(self.progress(self.epoch * self.steps_per_epoch, warmup=0))
+            losses, cases, seconds = self.train_epoch(phase)
+            metrics = self.validate(phase) | self.replicas_in_sync()
+            score = combined_score(metrics, train.score)
+            improved = not math.isnan(score) and score > self.best
+            self.best, self.stale = (score, 0) if improved else (self.best, self.stale + 1)
+            self.stop = self.stop or (train.patience is not None and self.stale >= train.patience)
+            elapsed = time.perf_counter() - self.started
+            metrics |= {f"train/{k}": v for k, v in losses.items()}
+            metrics |= {f"weight/{k}": v for k, v in self.balancer.weights().items()}
+            metrics |= {
+                "epoch": self.epoch, "step": self.step, "nodes": self.nodes, "val/score": score,
+                "lr": self.optimizer.param_groups[0]["lr"], "cross": phase.cross, "elapsed_s": elapsed,
+                "cases_per_s": self.comms.world * cases / max(seconds, 1e-9), "stopped": float(self.stop),
+                "eta_s": elapsed / (self.epoch + 1) * (train.epochs - self.epoch - 1),
+            }
+            self.save_checkpoint(metrics)
+            self.epoch += 1
+        if self.tracker is not None:
+            self.tracker.close()
+
+    # -- the parts -----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg, lc = self.cfg, self.loop_config
+        quiet_worker_logs(cfg.train.log_level)
+        context = ray.train.get_context()
+        self.comms = Comms(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
+        rank, device = self.comms.rank, self.comms.device
+        torch.set_num_threads(lc["threads"])
+        torch.manual_seed(cfg.train.seed + rank)
+        np.random.seed(cfg.train.seed + rank)
+        random.seed(cfg.train.seed + rank)
+        self.nodes = len(set(self.comms.gather(ray.get_runtime_context().get_node_id())))
+
+        model = to_layout(build_model(cfg.model, self.spec.channels, self.schema), cfg.train.channels_last)
+        self.tasks = (["seg"] if model.decoder is not None else []) + (
+            list(model.cfg.heads) if model.heads is not None else [])
+        shared = model.encoder.levels[-1] if model.encoder is not None else model.to_hidden
+        self.balancer = make_balancer(cfg.train.balancer, self.tasks, list(shared.parameters())).to(device)
+        self.curriculum = Curriculum(cfg.train.curriculum, lr=cfg.train.lr)
+        self.loss_fn = JointLoss(cfg.model, cfg.train.loss)
+        self.model = ray.train.torch.prepare_model(model)
+        self.optimizer = torch.optim.AdamW([
+            {"params": [p for p in self.model.parameters() if p.requires_grad], "weight_decay": cfg.train.weight_decay},
+            {"params": [p for p in self.balancer.parameters() if p.requires_grad], "weight_decay": 0.0},
+        ], lr=cfg.train.lr)
+        self.autocast, self.scaler = autocast_for(cfg.train.precision, device)
+        self.augment = Augmenter(cfg.train.augment) if cfg.train.augment.enabled else None
+        self.structures = {k: v for k, v in cfg.data.label_names.items() if k != 0}
+        self.fault_marker = Path(lc["fault_marker"]) if lc.get("fault_marker") else None
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+        self.tracker = Tracker(cfg, lc.get("tensorboard_dir"), lc.get("mlflow_uri"), checkpoint is not None) \
+            if rank == 0 else None
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.warmup_steps = int(cfg.train.warmup_epochs * self.steps_per_epoch)
+        self.budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
+        self.started = time.perf_counter() - self.elapsed_before
+
+    def train_epoch(self, phase: Phase) -> tuple[dict[str, float], int, float]:
+        """One pass over this worker's shard: (mean loss per task over workers, cases, seconds)."""
+        cfg, rank = self.cfg.train, self.comms.rank
+        self.model.train()
+        self.balancer.train()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        cases, epoch_started = 0, time.perf_counter()
-        for raw in train_shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
-                                            local_shuffle_buffer_size=SHUFFLE_BUFFER,
-                                            local_shuffle_seed=cfg.train.seed + 1000 * epoch + rank):
-            step += 1
-            _inject_fault(cfg, step, rank, fault_marker)
-            elapsed = _shared_elapsed(started, world, device, budget_s)
-            progress = training_progress(step - 1, total_steps, warmup_steps, elapsed, budget_s)
-            for group in optimizer.param_groups:
-                group["lr"] = phase.lr * lr_factor(step - 1, warmup_steps, progress)
-            batch = to_model_batch(raw, schema, device, cfg.train.channels_last)
-            with autocast():
-                out = model(batch.image, batch.clinical, phase.cross, batch.voxel_volume)
-            losses = loss_fn(out, batch.targets)
-            task_losses = {k: v.float() for k, v in losses.items() if k in tasks}
-            total = balancer(task_losses, scales=phase.scales(task_losses))
-            if "correlation" in losses:
-                total = total + losses["correlation"]
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(total).backward()
-                scaler.unscale_(optimizer)
-            else:
-                total.backward()
-            _sync_balancer(balancer, world)
-            if cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            for name, value in task_losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach()) * batch.size
+        cases, started = 0, time.perf_counter()
+        batches = ray.train.get_dataset_shard("train").iter_batches(
+            batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=SHUFFLE_BUFFER,
+            local_shuffle_seed=stream_seed(cfg.seed, SHUFFLE, self.epoch, rank))
+        for index, raw in enumerate(batches):
+            self.step += 1
+            self.inject_fault()
+            elapsed = self.shared_elapsed()
+            progress = training_progress(self.step - 1, self.total_steps, self.warmup_steps, elapsed, self.budget_s)
+            for group in self.optimizer.param_groups:
+                group["lr"] = phase.lr * lr_factor(self.step - 1, self.warmup_steps, progress)
+            if self.augment is not None:
+                raw = self.augment(raw, stream_seed(cfg.seed, AUGMENT, self.epoch, rank, index))
+            batch = to_model_batch(raw, self.schema, self.comms.device, cfg.channels_last)
+            for name, value in self.train_step(batch, phase).items():
+                sums[name] = sums.get(name, 0.0) + value * batch.size
                 counts[name] = counts.get(name, 0) + batch.size
             cases += batch.size
-            if elapsed > budget_s:
-                stop = True  # the budget is spent: validate and checkpoint this partial epoch, then end
+            if elapsed > self.budget_s:
+                self.stop = True  # the budget is spent: validate and checkpoint this partial epoch, then end
                 break
-        train_seconds = time.perf_counter() - epoch_started
-        epoch_losses = _all_mean({k: sums[k] / counts[k] for k in sums}, world)
-        balancer.epoch_end({k: v for k, v in epoch_losses.items() if not math.isnan(v)})
+        seconds = time.perf_counter() - started
+        # DDP averages gradients, not buffers: each rank's last forward updated its own BatchNorm running
+        # statistics (the attention gates'). Every rank validates, and rank 0 saves, rank 0's.
+        self.comms.broadcast_buffers(self.unwrapped)
+        losses = self.comms.mean({k: sums[k] / counts[k] for k in sums})
+        self.balancer.epoch_end({k: v for k, v in losses.items() if not math.isnan(v)})
+        return losses, cases, seconds
 
-        shares = (_validation_rows(raw, rank, world) for raw in val_shard.iter_batches(
-            batch_size=cfg.train.batch_size, batch_format="numpy"))
-        batches = (to_model_batch(share, schema, device, cfg.train.channels_last) for share in shares
-                   if share is not None)
-        records = predict_cases(_unwrap(model), batches, phase.cross, structures, spacing, autocast)
-        if world > 1:
-            gathered: list[list[dict[str, Any]]] = [[] for _ in range(world)]
-            dist.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in part]
-        metrics = validation_metrics(records, structures, cfg.model.cdr_classes)
-        score = combined_score(metrics, cfg.train.score)
-        improved = not math.isnan(score) and score > best
-        best, stale = (score, 0) if improved else (best, stale + 1)
-        if cfg.train.patience is not None and stale >= cfg.train.patience:
-            stop = True
-        elapsed = time.perf_counter() - started
-        metrics |= {f"train/{k}": v for k, v in epoch_losses.items()}
-        metrics |= {f"weight/{k}": v for k, v in balancer.weights().items()}
-        metrics |= {
-            "epoch": epoch, "step": step, "nodes": nodes, "val/score": score, "lr": optimizer.param_groups[0]["lr"],
-            "cross": phase.cross, "cases_per_s": world * cases / max(train_seconds, 1e-9), "elapsed_s": elapsed,
-            "eta_s": elapsed / (epoch + 1) * (cfg.train.epochs - epoch - 1), "stopped": float(stop),
-        }
-        if tracker is not None:
-            tracker.log(metrics, epoch)
-        if rank == 0:
-            print(epoch_line(metrics, cfg.train.epochs), flush=True)
-            state = {
-                "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "balancer": balancer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {},
-                "epoch": epoch, "step": step, "best": best, "stale": stale, "elapsed_s": elapsed,
-                "rng": _rng_state(),
-            }
-            with tempfile.TemporaryDirectory() as tmp:
-                write_checkpoint(Path(tmp) / "ckpt", state, cfg, spec, schema, _finite(metrics),
-                                 loop_config["trained_heads"])
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(Path(tmp) / "ckpt")),
-                                 checkpoint_dir_name=f"epoch_{epoch:04d}")
+    def train_step(self, batch, phase: Phase) -> dict[str, float]:
+        """Forward, balanced loss, backward, optimizer step: this batch's loss per task."""
+        with self.autocast():
+            out = self.model(batch.image, batch.clinical, phase.cross, batch.voxel_volume)
+        losses = self.loss_fn(out, batch.targets)
+        task_losses = {k: v for k, v in losses.items() if k in self.tasks}
+        total = self.balancer(task_losses, scales=phase.scales(task_losses))
+        if "correlation" in losses:
+            total = total + losses["correlation"]
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
         else:
+            total.backward()
+        self.sync_balancer()
+        if self.cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return {k: float(v.detach()) for k, v in task_losses.items()}
+
+    @torch.no_grad()
+    def validate(self, phase: Phase) -> dict[str, float]:
+        """Metrics over every validation subject: each worker reads the whole (unsplit) validation set and
+        predicts the subjects it owns, and the per-case records are gathered (an equal split would drop
+        the remainder cases)."""
+        comms, train = self.comms, self.cfg.train
+
+        def mine():
+            for raw in ray.train.get_dataset_shard("val").iter_batches(batch_size=train.batch_size,
+                                                                         batch_format="numpy"):
+                keep = np.array([comms.owns(s) for s in raw["subject_id"]])
+                if keep.any():
+                    yield to_model_batch({k: np.asarray(v)[keep] for k, v in raw.items()}, self.schema,
+                                         comms.device, train.channels_last)
+
+        records = predict_cases(self.unwrapped, mine(), phase.cross, self.structures, self.autocast)
+        records = [r for part in comms.gather(records) for r in part]
+        return validation_metrics(records, self.structures, self.cfg.model.cdr_classes)
+
+    def save_checkpoint(self, metrics: dict[str, float]) -> None:
+        """Report this epoch's metrics; rank 0 adds the checkpoint, which holds every rank's generators."""
+        rngs = self.comms.gather(rng_state(self.comms.device))
+        if self.tracker is not None:
+            self.tracker.log(metrics, self.epoch)
+        if self.comms.rank != 0:
             ray.train.report(metrics)
-        epoch += 1
-    if tracker is not None:
-        tracker.close()
+            return
+        print(epoch_line(metrics, self.cfg.train.epochs), flush=True)
+        state = {
+            "model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "balancer": self.balancer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {},
+            "epoch": self.epoch, "step": self.step, "best": self.best, "stale": self.stale,
+            "elapsed_s": metrics["elapsed_s"], "rng": rngs,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "ckpt"
+            finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            write_checkpoint(folder, state, self.cfg, self.spec, self.schema, finite,
+                             self.loop_config["trained_heads"])
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                             checkpoint_dir_name=f"epoch_{self.epoch:04d}")
+
+    def load_checkpoint(self, checkpoint: ray.train.Checkpoint) -> None:
+        """Continue after the checkpointed epoch, with this rank's own generators as they were then."""
+        device = self.comms.device
+        with checkpoint.as_directory() as folder:
+            state = read_checkpoint(folder, map_location="cpu").state
+        self.unwrapped.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.balancer.load_state_dict(state["balancer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.best, self.stale = state["epoch"] + 1, state["step"], state["best"], state["stale"]
+        self.elapsed_before = state["elapsed_s"]
+        rngs = state["rng"]
+        if len(rngs) == self.comms.world:
+            set_rng_state(rngs[self.comms.rank], device)
+        else:  # another worker count: the old streams cannot continue, so start new ones from the seed
+            logging.getLogger(__name__).warning(
+                "resuming %d workers from a checkpoint of %d: random streams restart from train.seed",
+                self.comms.world, len(rngs))
+            seed = stream_seed(self.cfg.train.seed, RESTART, self.epoch, self.comms.rank)
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    def replicas_in_sync(self) -> dict[str, float]:
+        """``ddp/model_in_sync`` and ``ddp/balancer_in_sync``: 1.0 when every rank holds bit-identical
+        weights (DDP's promise, and the balancer's, whose state lives outside DDP), else 0.0."""
+        if self.comms.world == 1:
+            return {}
+        digests = {"model": _digest(self.unwrapped.state_dict()), "balancer": _digest(self.balancer.state_dict())}
+        gathered = self.comms.gather(digests)
+        return {f"ddp/{k}_in_sync": float(len({g[k] for g in gathered}) == 1) for k in digests}
+
+    @property
+    def unwrapped(self) -> JointModel:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    def progress(self, step: int, warmup: int) -> float:
+        return training_progress(step, self.total_steps, warmup, self.shared_elapsed(), self.budget_s)
+
+    def shared_elapsed(self) -> float:
+        """Seconds of training, the same on every rank (the slowest clock), so that every worker takes the
+        same learning rate, phase and decision to stop — a rank that stopped alone would leave the others
+        waiting in DDP's all-reduce forever. Without a budget the clock decides nothing and is not shared."""
+        elapsed = time.perf_counter() - self.started
+        return elapsed if not math.isfinite(self.budget_s) else self.comms.max(elapsed)
+
+    def sync_balancer(self) -> None:
+        """Learnable balancer state lives outside DDP: average it across workers so every rank agrees."""
+        world = self.comms.world
+        if world == 1:
+            return
+        for tensor in self.balancer.parameters():
+            if tensor.grad is not None:
+                dist.all_reduce(tensor.grad)
+                tensor.grad /= world
+        if hasattr(self.balancer, "task_weights"):  # GradNorm updates its weights itself, from each rank's batch
+            dist.all_reduce(self.balancer.task_weights.data)
+            self.balancer.task_weights.data /= world
+
+    def inject_fault(self) -> None:
+        """Fault-tolerance testing: kill the rank-0 process at ``train.fault_at_step``, once per run."""
+        at = self.cfg.train.fault_at_step or int(os.environ.get("JOINTRAY_FAULT_AT_STEP", "0")) or None
+        marker = self.fault_marker
+        if at is None or self.step != at or self.comms.rank != 0 or marker is None or marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"fault injected at step {self.step}\n")
+        os._exit(1)  # a hard crash, as a lost node looks to Ray: no exception handling, no cleanup
 
 
-def _finite(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+def _digest(state: dict[str, Any]) -> str:
+    sha = hashlib.sha256()
+    for key, value in sorted(state.items()):
+        sha.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            sha.update(value.detach().cpu().contiguous().numpy().tobytes())
+        else:  # the balancers' extra state: histories of floats
+            sha.update(repr(value).encode())
+    return sha.hexdigest()
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    JointTrainer(loop_config).run()

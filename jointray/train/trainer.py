@@ -1,26 +1,33 @@
 """The driver side of training: check the request, build the TorchTrainer, run it, export the best checkpoint.
 
-Everything that can be wrong with a request (missing shards, a spec that differs from the shards',
-more workers than CPUs, a resumed run of another model) fails here, before any worker starts, with
-a message that says what to change. The run lands in ``<storage_path>/<train.name>/`` and its best
-checkpoint (by ``val/score``) is exported to ``<storage_path>/<train.name>/best/``.
+Everything that can be wrong with a request (missing shards, shards of another dataset or
+preprocessing, more workers than CPUs, a resumed run of another model) fails here, before any worker
+starts, with a message that says what to change. The run lands in ``<storage_path>/<train.name>/``
+and its best checkpoint (by ``val/score``) is exported to ``<storage_path>/<train.name>/best/``, on
+whatever filesystem ``storage_path`` names (a local folder, ``file://``, ``s3://``, ``gs://``):
+local and remote storage behave alike, including ``train.resume=false`` starting afresh.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import math
-import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import ray.train
+from ray.data import DataContext, ExecutionOptions
 from ray.train.torch import TorchTrainer
 
-from jointray.artifacts import META_FILE, export_checkpoint, read_checkpoint
-from jointray.config import Config, ConfigError
+from jointray.artifacts import META_FILE, export_checkpoint
+from jointray.config import Config, ConfigError, config_from_tree
 from jointray.data.clinical import ClinicalSchema
 from jointray.data.shards import CLINICAL_PREFIX, SHARDS_DIR, SPEC_FILE, read_spec
 from jointray.data.streaming import split_subjects, train_val_datasets
@@ -33,8 +40,8 @@ FAULT_MARKER = ".fault_injected"
 
 @dataclass
 class TrainResult:
-    run_dir: Path
-    best_dir: Path
+    run_dir: Path | str  # a local folder, or a URI for remote storage
+    best_dir: Path | str
     metrics: dict[str, float]  # of the best checkpoint
     final_metrics: dict[str, float]  # of the last epoch
 
@@ -104,15 +111,61 @@ def heads_with_targets(prepared: Path, train_ids: list[str], heads: list[str]) -
     return [h for h in heads if seen[h]]
 
 
-def _check_resume(cfg: Config, run_dir: Path) -> None:
-    metas = sorted(run_dir.glob(f"*/{META_FILE}"))
-    if not metas:
+@dataclass
+class Storage:
+    """Where runs live: a pyarrow filesystem and the run folder's path on it (local or remote alike)."""
+
+    fs: pafs.FileSystem
+    base: str  # storage_path on ``fs``
+    uri: str  # storage_path as the user gave it (query options dropped), for messages
+    local: bool
+
+    @classmethod
+    def of(cls, storage_path: str) -> Storage:
+        if "://" not in storage_path:
+            base = str(Path(storage_path).resolve())
+            return cls(pafs.LocalFileSystem(), base, base, True)
+        fs, base = pafs.FileSystem.from_uri(storage_path)
+        parts = urlsplit(storage_path)  # credentials and options stay out of messages
+        uri = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}".rstrip("/")
+        return cls(fs, base.rstrip("/"), uri, isinstance(fs, pafs.LocalFileSystem))
+
+    def exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def where(self, *parts: str) -> Path | str:
+        """A path under storage_path as the user can use it: a Path when local, else a URI."""
+        return Path(self.base, *parts) if self.local else "/".join([self.uri, *parts])
+
+
+def _check_resume(cfg: Config, storage: Storage, run_path: str) -> None:
+    checkpoints = sorted(i.path for i in storage.fs.get_file_info(pafs.FileSelector(run_path))
+                         if i.type == pafs.FileType.Directory and i.base_name.startswith("epoch_")
+                         and storage.exists(f"{i.path}/{META_FILE}"))
+    if not checkpoints:
         return
-    previous = read_checkpoint(metas[-1].parent).config
+    with storage.fs.open_input_stream(f"{checkpoints[-1]}/{META_FILE}") as stream:
+        previous = config_from_tree(json.loads(stream.read())["config"])
     if previous.model != cfg.model:
-        raise ConfigError(f"train.resume=true, but {run_dir} holds a run of model {previous.model.variant} "
-                          f"{previous.model.model_dump()} and this config asks for {cfg.model.variant} "
-                          f"{cfg.model.model_dump()}: resume with the same model section or use a new train.name")
+        raise ConfigError(f"train.resume=true, but {storage.where(cfg.train.name)} holds a run of model "
+                          f"{previous.model.variant} {previous.model.model_dump()} and this config asks for "
+                          f"{cfg.model.variant} {cfg.model.model_dump()}: resume with the same model section or "
+                          f"use a new train.name")
+
+
+def _export_best(checkpoint: ray.train.Checkpoint, storage: Storage, run_path: str) -> None:
+    """Verify the best checkpoint and write it to ``<run>/best`` on the run's own filesystem."""
+    with checkpoint.as_directory() as folder:
+        if storage.local:
+            export_checkpoint(Path(folder), Path(run_path) / BEST_DIR)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            export_checkpoint(Path(folder), Path(tmp) / BEST_DIR)
+            # Object stores have no atomic rename: the old best/ goes first, then the new one is uploaded.
+            if storage.exists(f"{run_path}/{BEST_DIR}"):
+                storage.fs.delete_dir(f"{run_path}/{BEST_DIR}")
+            pafs.copy_files(str(Path(tmp) / BEST_DIR), f"{run_path}/{BEST_DIR}",
+                            destination_filesystem=storage.fs)
 
 
 def _mlflow_uri(cfg: Config, run_dir: Path, local: bool) -> str | None:
@@ -136,15 +189,15 @@ def run_training(cfg: Config, announce=print) -> TrainResult:
         build_model(cfg.model, spec.channels)
     except ValueError as exc:
         raise ConfigError(f"model.variant={cfg.model.variant} cannot train on {prepared}: {exc}") from exc
-    storage = cfg.train.storage_path
-    local = "://" not in storage
-    run_dir = (Path(storage).resolve() if local else Path("runs")) / cfg.train.name
-    if local and run_dir.exists():
+    storage = Storage.of(cfg.train.storage_path)
+    run_path, local = f"{storage.base}/{cfg.train.name}", storage.local
+    run_dir = storage.where(cfg.train.name)
+    if storage.exists(run_path):
         if cfg.train.resume:
-            _check_resume(cfg, run_dir)
-        else:
+            _check_resume(cfg, storage, run_path)
+        else:  # Ray Train would otherwise pick up the old run's state from storage
             announce(f"replacing the previous run at {run_dir} (set train.resume=true to continue it)")
-            shutil.rmtree(run_dir)
+            storage.fs.delete_dir(run_path)
     train_ids, val_ids = split_subjects(prepared, cfg.train.n_folds, cfg.train.fold, cfg.train.seed)
     if not train_ids or not val_ids:
         raise ConfigError(f"fold {cfg.train.fold} of {cfg.train.n_folds} leaves {len(train_ids)} training and "
@@ -158,17 +211,16 @@ def run_training(cfg: Config, announce=print) -> TrainResult:
             "config": cfg.model_dump_json(), "spec": spec.model_dump_json(), "schema": schema.model_dump_json(),
             "trained_heads": heads_with_targets(prepared, train_ids, cfg.model.heads),
             "steps_per_epoch": steps_per_epoch, "threads": placement.threads_per_worker,
-            "fault_marker": str(run_dir / FAULT_MARKER) if local else None,
-            "tensorboard_dir": str(run_dir / "tensorboard") if local else None,
-            "mlflow_uri": _mlflow_uri(cfg, run_dir, local),
+            "fault_marker": str(Path(run_path, FAULT_MARKER)) if local else None,
+            "tensorboard_dir": str(Path(run_path, "tensorboard")) if local else None,
+            "mlflow_uri": _mlflow_uri(cfg, Path(run_path), local),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.workers, use_gpu=placement.use_gpu,
             resources_per_worker={"CPU": placement.cpus_per_worker}, placement_strategy=cfg.train.placement,
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.train.name,
-            storage_path=str(Path(storage).resolve()) if local else storage,
+            name=cfg.train.name, storage_path=storage.base, storage_filesystem=None if local else storage.fs,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="val/score",
                 checkpoint_score_order="max"),
@@ -177,8 +229,10 @@ def run_training(cfg: Config, announce=print) -> TrainResult:
         ),
         datasets={"train": train_ds, "val": val_ds},
         # Training data is split equally (DDP needs the same number of steps on every rank);
-        # validation is read whole by each worker, which predicts its share (see the loop).
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # validation is read whole by each worker, which predicts its share (see the loop). Order is
+        # preserved, so that which case lands in which batch on which rank is the same in every run
+        # (and in a resumed one): the splitter then deals blocks out by count, not by who asks first.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=_ordered()),
     )
     announce(f"training {cfg.model.variant} on {cfg.train.workers} worker(s) "
              f"({'GPU' if placement.use_gpu else 'CPU'}, {placement.cpus_per_worker:g} CPU and "
@@ -189,8 +243,12 @@ def run_training(cfg: Config, announce=print) -> TrainResult:
     if not scored:
         scored = result.best_checkpoints[-1:]
     checkpoint, metrics = max(scored, key=lambda cm: cm[1].get("val/score", -math.inf))
-    best_dir = run_dir / BEST_DIR
-    best_dir.parent.mkdir(parents=True, exist_ok=True)
-    with checkpoint.as_directory() as folder:
-        export_checkpoint(Path(folder), best_dir)
-    return TrainResult(run_dir=run_dir, best_dir=best_dir, metrics=metrics, final_metrics=result.metrics or {})
+    _export_best(checkpoint, storage, run_path)
+    return TrainResult(run_dir=run_dir, best_dir=storage.where(cfg.train.name, BEST_DIR), metrics=metrics,
+                       final_metrics=result.metrics or {})
+
+
+def _ordered() -> ExecutionOptions:
+    options = copy.copy(DataContext.get_current().execution_options)
+    options.preserve_order = True
+    return options
