@@ -31,7 +31,7 @@ from rich.table import Table  # noqa: E402
 from jointray.config import load_config  # noqa: E402
 from jointray.data.prepare import prepare_dataset, prepare_one  # noqa: E402
 from jointray.data.records import Quarantined  # noqa: E402
-from jointray.data.shards import clinical_kinds, rows_to_table  # noqa: E402
+from jointray.data.shards import rows_to_table  # noqa: E402
 from jointray.data.sources import scan_source  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 def plain_loop(cfg, out: Path) -> tuple[int, float]:
     started = time.perf_counter()
     scan = scan_source(cfg.data)
-    kinds = clinical_kinds(scan.records, scan.clinical_columns)
+    kinds = dict(cfg.data.clinical_columns)
     rows = []
     for record in scan.records:
         result = prepare_one(record, cfg.preprocess, set(cfg.data.label_names), cfg.data.max_voxels, kinds)

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,10 @@ from typing import Any
 import torch
 import yaml
 
+from jointray.atomic_dir import recover, staged_dir
 from jointray.config import Config
-from jointray.data.spec import PreprocessSpec
 from jointray.data.clinical import ClinicalSchema
+from jointray.data.spec import PreprocessSpec
 
 STATE_FILE = "checkpoint.pt"
 META_FILE = "meta.json"
@@ -133,27 +133,23 @@ def read_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu"
 
 
 def export_checkpoint(source: Path, target: Path) -> None:
-    """Copy a verified checkpoint to ``target``, replacing what was there only once the copy is complete."""
+    """Copy a verified checkpoint to ``target``, switched in whole (:mod:`jointray.atomic_dir`): a reader of
+    ``target`` finds the previous checkpoint or this one, never a mix or nothing."""
     read_checkpoint(source)
-    staging = target.with_name(f".{target.name}-{uuid.uuid4().hex[:8]}")
-    shutil.copytree(source, staging)
-    read_checkpoint(staging)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
+    with staged_dir(target) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        read_checkpoint(staging)
 
 
 def export_artifact(checkpoint: str | Path, target: str | Path) -> Path:
     """Write the serving artifact of a training checkpoint (or re-export an artifact) into ``target``.
 
-    The folder is assembled beside ``target`` and moved into place whole; an existing ``target`` is
-    replaced only then. Returns ``target``.
+    The folder is assembled beside ``target`` and switched in whole (:mod:`jointray.atomic_dir`); an
+    existing ``target`` is replaced only then. Returns ``target``.
     """
     model = load_model(checkpoint)
     target = Path(target)
-    staging = target.with_name(f".{target.name}-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    try:
+    with staged_dir(target) as staging:
         torch.save(model.state_dict, staging / MODEL_FILE)
         (staging / "config.yaml").write_text(yaml.safe_dump(model.config.model_dump(mode="json"), sort_keys=False))
         (staging / "spec.json").write_text(model.spec.model_dump_json(indent=2) + "\n")
@@ -165,16 +161,6 @@ def export_artifact(checkpoint: str | Path, target: str | Path) -> Path:
                     "sha256": {name: _sha256(staging / name) for name in files}}
         _write_text_atomic(staging / ARTIFACT_FILE, json.dumps(manifest, indent=2) + "\n")
         load_model(staging)  # verify before it replaces anything
-        if target.exists():
-            old = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:8]}")
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return target
 
 
@@ -212,6 +198,7 @@ def read_config(folder: str | Path) -> Config:
 def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> ModelArtifact:
     """Read a training checkpoint or an exported artifact (verified either way) for inference."""
     folder = Path(folder)
+    recover(folder)  # a crash mid-switch of an export leaves the previous version aside: put it back
     if (folder / ARTIFACT_FILE).is_file():
         return _load_exported(folder, map_location)
     if not (folder / META_FILE).is_file():

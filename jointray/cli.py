@@ -72,6 +72,7 @@ def _print_prepare_report(report) -> None:
     summary.add_row("prepared", f"[green]{report.prepared}[/green]")
     summary.add_row("quarantined", f"[yellow]{len(report.quarantined)}[/yellow]")
     summary.add_row("warnings", str(len(report.warnings)))
+    summary.add_row("clinical features", report.clinical_features)
     summary.add_row("output", report.output)
     summary.add_row("spec digest", report.spec_digest)
     summary.add_row("time", f"{report.elapsed_s:.1f} s")

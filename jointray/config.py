@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from jointray import builtin_configs
+from jointray.data.records import RESERVED_COLUMNS
 from jointray.data.spec import PreprocessSpec
 
 
@@ -59,6 +61,12 @@ class DataConfig(_Section):
         default_factory=lambda: ["image"],
         description="manifest columns holding image paths, one per modality/view (channel order)",
     )
+    clinical_columns: dict[str, Literal["numeric", "categorical"]] = Field(
+        default_factory=dict,
+        description="the model's clinical inputs: manifest or clinical-table column → numeric | categorical. "
+        "No other column is an input (a diagnosis column would leak the target, a path column identify the "
+        "subject); empty: images only",
+    )
     rows_per_shard: int = Field(64, gt=0)
     synthetic: SyntheticConfig = SyntheticConfig()
 
@@ -68,6 +76,18 @@ class DataConfig(_Section):
         if 0 not in v:
             raise ValueError("label 0 (background) must be declared")
         return dict(sorted(v.items()))
+
+    @field_validator("clinical_columns")
+    @classmethod
+    def _inputs_only(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        reserved = sorted(RESERVED_COLUMNS & set(v))
+        if reserved:
+            raise ValueError(f"no reserved column {sorted(RESERVED_COLUMNS)} (targets and identifiers); "
+                             f"{reserved} would hand the model what it predicts or who the subject is")
+        images = sorted(set(info.data.get("image_columns", [])) & set(v))
+        if images:
+            raise ValueError(f"no image column (data.image_columns); {images} hold paths, not clinical values")
+        return v
 
 
 class AugmentConfig(_Section):
@@ -214,8 +234,8 @@ class TrainConfig(_Section):
     name: str = Field("jointray", pattern=r"^[A-Za-z0-9_.-]+$", description="run folder name under storage_path")
     storage_path: str = Field("runs", description="local folder or cloud URI (s3://, gs://) for runs and checkpoints")
     prepared: Path | None = Field(None, description="prepared shards folder; null uses data.output")
-    resume: bool = Field(False, description="continue runs/<name> from its last checkpoint instead of starting over")
-    seed: int = 0
+    resume: bool = Field(False, description="continue <storage_path>/<name> from its last checkpoint instead of starting over")
+    seed: int = Field(0, ge=0)
     n_folds: int = Field(5, ge=2)
     fold: int = Field(0, ge=0)
     batch_size: int = Field(4, ge=1, description="per worker")
@@ -227,10 +247,10 @@ class TrainConfig(_Section):
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null disables clipping")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast on GPUs that support it, fp16 + GradScaler on older GPUs, "
-        "fp32 on CPU (bf16 there is opt-in: faster on CPUs with native bf16, same Dice on MSD)"
+        "fp32 on CPU, where bf16 is opt-in (it pays only on CPUs with native bf16: benchmarks/README.md)"
     )
     channels_last: bool = Field(
-        True, description="channels-last memory layout for the 3D convolutions (faster on CPU and GPU)"
+        True, description="channels-last memory layout for the 3D convolutions (its speed: benchmarks/README.md)"
     )
     workers: int = Field(1, ge=1)
     placement: Literal["PACK", "SPREAD"] = Field(
@@ -412,16 +432,19 @@ def _describe(errors: ValidationError) -> str:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML file (or the defaults when ``path`` is None) and apply dotted overrides.
+    """Load a YAML file, or a built-in config by name (``synthetic``, ``msd_hippocampus``: see
+    :mod:`jointray.builtin_configs`), or the defaults when ``path`` is None, and apply dotted overrides.
 
-    Relative paths in the ``data`` section stay relative to the working directory, the way a user
-    types them on the command line.
+    A file at ``path`` wins over a built-in of the same name. Relative paths in the ``data`` section stay
+    relative to the working directory, the way a user types them on the command line.
     """
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        found = builtin_configs.find(path)
+        if found is None:
+            raise ConfigError(f"config {path} does not exist: not a file, nor a built-in config "
+                              f"(built-in: {', '.join(builtin_configs.names())})")
+        path = found
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

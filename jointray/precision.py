@@ -1,11 +1,10 @@
 """Mixed precision per device: one rule for training and inference.
 
 ``precision="auto"`` picks bf16 autocast on CUDA devices that support it, fp16 (with a gradient
-scaler, for training) on older GPUs, and fp32 on the CPU. On this AVX512-BF16 CPU, with channels-last
-convolutions, bf16 autocast trained ``v2`` 1.15× faster than fp32 (benchmarks/train.py), and on MSD
-hippocampus it gave fp32's Dice (0.8797 vs 0.8796 mirrored, benchmarks/accuracy_msd.py); the MSD
-configuration opts in.
-"auto" still means fp32 on CPUs: many lack native bf16 and would run it emulated, slower.
+scaler, for training) on older GPUs, and fp32 on the CPU. bf16 on a CPU is opt-in (``"bf16"``, as
+the MSD configuration does): it pays on CPUs with native bf16 instructions (AVX512-BF16, AMX), but
+many CPUs lack them and would run it emulated, slower, so "auto" keeps fp32 there. Measured speed and
+Dice of both: benchmarks/README.md (benchmarks/train.py, benchmarks/accuracy_msd.py).
 """
 
 from __future__ import annotations

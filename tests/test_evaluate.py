@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import MSD_TRAIN_CASES as TRAIN_CASES
 from conftest import msd_subset as _msd_subset
 from conftest import shared_data
+
 from jointray.config import ConfigError
 from jointray.data.volumes import read_volume
-from jointray.inference.evaluate import evaluate
+from jointray.inference.evaluate import evaluate, summarize_cases
 from jointray.inference.predictor import Predictor
 from jointray.metrics import segmentation_metrics
 
@@ -51,7 +51,7 @@ def test_masks_are_written_in_each_inputs_space_and_the_csv_matches_them(checkpo
                                           STRUCTURES, spacing)
         for name in STRUCTURES.values():
             assert row[f"dice/{name}"] == pytest.approx(float(recomputed[f"dice/{name}"][0]), abs=1e-6)
-            voxels = int((predicted == [k for k, v in STRUCTURES.items() if v == name][0]).sum())
+            voxels = int((predicted == next(k for k, v in STRUCTURES.items() if v == name)).sum())
             assert row[f"volume/{name}"] == pytest.approx(voxels * np.prod(spacing), rel=1e-6)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"]["dice"] == pytest.approx(table[["dice/anterior", "dice/posterior"]].mean().mean(), abs=1e-6)
@@ -119,3 +119,74 @@ def test_missing_or_corrupt_checkpoints_fail_first(checkpoint, tmp_path):
         evaluate(tmp_path / "nothing", tmp_path, tmp_path / "out")
     with pytest.raises(ConfigError, match="does not exist"):
         evaluate(checkpoint, tmp_path / "nowhere", tmp_path / "out")
+
+
+def _icc_2_1(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Shrout & Fleiss ICC(2,1) of two methods, from the two-way ANOVA mean squares written out."""
+    table = np.stack([pred, ref], axis=1)
+    n, k = table.shape
+    grand = table.mean()
+    ms_rows = k * ((table.mean(axis=1) - grand) ** 2).sum() / (n - 1)
+    ms_cols = n * ((table.mean(axis=0) - grand) ** 2).sum() / (k - 1)
+    residual = table - table.mean(axis=1, keepdims=True) - table.mean(axis=0, keepdims=True) + grand
+    ms_error = (residual**2).sum() / ((n - 1) * (k - 1))
+    return (ms_rows - ms_error) / (ms_rows + (k - 1) * ms_error + k * (ms_cols - ms_error) / n)
+
+
+def test_a_manifest_mixing_labelled_and_unlabelled_rows_is_summarised(checkpoint, tmp_path):
+    """Rows that differ in their keys (a label or not) are summarised over the rows that have each input."""
+    msd = shared_data("msd_hippocampus")
+    _, chosen = _msd_subset(msd, tmp_path / "cases", TRAIN_CASES + 20, 8)
+    manifest = pd.DataFrame([{"subject_id": f"case{i}", "image": str((msd / e["image"]).resolve()),
+                              "label": str((msd / e["label"]).resolve()) if i % 2 == 0 else ""}
+                             for i, e in enumerate(chosen)])  # case0, the first row, is labelled
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    report = evaluate(checkpoint, tmp_path / "manifest.csv", tmp_path / "out", tta=False)
+    assert (report.inputs, report.predicted, report.quarantined) == (8, 8, [])
+    table = pd.read_csv(tmp_path / "out" / "cases.csv").set_index("subject_id")
+    labelled = table[table["has_label"]]
+    assert list(labelled.index) == ["case0", "case2", "case4", "case6"]
+    assert table.loc[~table["has_label"], "dice/anterior"].isna().all()
+    metrics = json.loads((tmp_path / "out" / "summary.json").read_text())["metrics"]
+    assert metrics == pytest.approx(report.metrics, nan_ok=True)
+    assert metrics["cases"] == 8
+    for name in STRUCTURES.values():
+        pred, ref = labelled[f"volume/{name}"].to_numpy(), labelled[f"volume_ref/{name}"].to_numpy()
+        assert metrics[f"mean_volume/{name}_mm3"] == pytest.approx(table[f"volume/{name}"].mean(), rel=1e-9)
+        assert metrics[f"mean_volume_ref/{name}_mm3"] == pytest.approx(ref.mean(), rel=1e-9)
+        assert metrics[f"dice/{name}"] == pytest.approx(labelled[f"dice/{name}"].mean(), abs=1e-6)
+        assert metrics[f"missed/{name}"] == ((pred == 0) & (ref > 0)).sum() == labelled[f"missed/{name}"].sum()
+        diff = pred - ref
+        assert metrics[f"volume_pairs/{name}"] == 4
+        assert metrics[f"volume_icc/{name}"] == pytest.approx(_icc_2_1(pred, ref), rel=1e-9)
+        assert metrics[f"volume_bias_mm3/{name}"] == pytest.approx(diff.mean(), rel=1e-9)
+        assert metrics[f"volume_loa_upper_mm3/{name}"] == pytest.approx(diff.mean() + 1.96 * diff.std(ddof=1),
+                                                                         rel=1e-9)
+        assert metrics[f"volume_loa_lower_mm3/{name}"] == pytest.approx(diff.mean() - 1.96 * diff.std(ddof=1),
+                                                                         rel=1e-9)
+        assert metrics[f"volume_abs_error_mm3/{name}"] == pytest.approx(np.abs(diff).mean(), rel=1e-9)
+        assert metrics[f"volume_rel_error/{name}"] == pytest.approx((np.abs(diff) / ref).mean(), rel=1e-9)
+        assert (table[f"volume/{name}"] > 0).all()  # a summary of real predictions, not of empty masks
+    assert metrics["dice"] > 0.5, metrics
+
+
+def test_a_missed_structure_is_counted_and_scored_at_its_worst_case():
+    """``evaluate``'s rows carry volumes: a structure with no predicted voxel and a reference volume is a miss."""
+    nan = math.nan
+    targets = {"mmse": nan, "cdr": nan, "time": nan, "event": nan}
+    rows = [
+        {"subject_id": "a", "has_label": False, "volume/x": 900.0} | targets,
+        {"subject_id": "b", "has_label": True, "volume/x": 0.0, "volume_ref/x": 800.0, "dice/x": 0.0,
+         "hd95/x": 120.0} | targets,
+        {"subject_id": "c", "has_label": True, "volume/x": 700.0, "volume_ref/x": 800.0, "dice/x": 0.9,
+         "hd95/x": 2.0} | targets,
+        {"subject_id": "d", "has_label": True, "volume/x": 0.0, "volume_ref/x": 0.0, "dice/x": 1.0,
+         "hd95/x": nan} | targets,
+    ]
+    metrics = summarize_cases(rows, {1: "x"}, 4)
+    assert [r.get("missed/x") for r in rows] == [None, 1.0, 0.0, 0.0]
+    assert metrics["missed/x"] == 1 and metrics["missed"] == 1
+    assert metrics["hd95/x"] == 61.0  # the miss at its worst case; both-empty "d" left out
+    assert metrics["dice/x"] == pytest.approx(1.9 / 3)
+    assert metrics["mean_volume/x_mm3"] == 400.0 and metrics["mean_volume_ref/x_mm3"] == pytest.approx(1600 / 3)
+    assert metrics["volume_pairs/x"] == 3

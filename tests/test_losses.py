@@ -13,7 +13,6 @@ from monai.losses import DiceCELoss
 from jointray.losses import (
     CoralLoss,
     CoxPHLoss,
-    CumulativeLinkLoss,
     DeepSupervisionDiceCE,
     MaskedHuberLoss,
     TaskCorrelationPenalty,
@@ -256,53 +255,6 @@ def test_coral_trains_a_linear_model_on_separable_ordinal_data():
         logits = weight(x) + bias
     assert (coral_predict(logits) == y).float().mean().item() > 0.9
     assert (coral_probabilities(logits).argmax(1) == y).float().mean().item() > 0.9
-
-
-def test_cumulative_link_matches_statsmodels_ordered_logit():
-    from statsmodels.miscmodels.ordinal_model import OrderedModel
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(500, 2))
-    y = np.searchsorted([-1.0, 0.5, 2.0], x @ np.array([1.0, -0.5]) + rng.logistic(size=500))
-    model = OrderedModel(y, x, distr="logit")
-    result = model.fit(method="newton", disp=False, maxiter=100)
-    expected_beta = result.params[:2]
-    expected_cutpoints = model.transform_threshold_params(result.params)[1:-1]
-
-    # Our fit, with three extra subjects whose target is missing (they must change nothing).
-    xt = torch.tensor(np.vstack([x, rng.normal(size=(3, 2))]), dtype=torch.float64)
-    yt = torch.tensor(np.concatenate([y, [-1, -1, -1]]))
-    loss_fn = CumulativeLinkLoss(num_classes=4).double()
-    beta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
-    _lbfgs([beta, loss_fn.raw_cutpoints], lambda: loss_fn(xt @ beta, yt))
-
-    assert np.abs(beta.detach().numpy() - expected_beta).max() < 1e-4
-    assert np.abs(loss_fn.cutpoints.detach().numpy() - expected_cutpoints).max() < 1e-4
-    with torch.no_grad():
-        assert -loss_fn(xt @ beta, yt).item() * len(y) == pytest.approx(result.llf, abs=1e-6)
-        probs = loss_fn.probabilities(xt[:10] @ beta).numpy()
-    np.testing.assert_allclose(probs, result.predict(x[:10]), atol=1e-5)
-
-
-def _sigmoid(v: float) -> float:
-    return 1.0 / (1.0 + math.exp(-v))
-
-
-def test_cumulative_link_end_classes_and_gradients():
-    loss_fn = CumulativeLinkLoss(num_classes=3, init_cutpoints=[-0.5, 1.0]).double()
-    eta = torch.tensor([0.2, -3.0, 4.0, 0.0], dtype=torch.float64, requires_grad=True)
-    y = torch.tensor([0.0, 1.0, 2.0, math.nan], dtype=torch.float64)
-    low, high = loss_fn.cutpoints.tolist()  # -0.5 and 1.0 up to the float32 storage of the parameters
-    assert low == pytest.approx(-0.5, abs=1e-6) and high == pytest.approx(1.0, abs=1e-6)
-    class_0 = math.log(_sigmoid(low - 0.2))
-    class_1 = math.log(_sigmoid(high + 3.0) - _sigmoid(low + 3.0))
-    class_2 = math.log(1 - _sigmoid(high - 4.0))
-    expected = -(class_0 + class_1 + class_2) / 3
-    loss = loss_fn(eta, y)
-    assert loss.item() == pytest.approx(expected, abs=1e-12)
-    loss.backward()
-    assert torch.isfinite(eta.grad).all() and eta.grad[3] == 0
-    assert torch.autograd.gradcheck(lambda e: loss_fn(e, y), (eta.detach().clone().requires_grad_(),))
 
 
 def test_cdr_class_mapping():

@@ -3,6 +3,7 @@ scipy) and against values worked out by hand."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
 
@@ -22,6 +23,8 @@ from scipy.spatial.distance import cdist
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
 from torchmetrics.classification import MulticlassCalibrationError
 
+from jointray.data.clinical import ClinicalSchema
+from jointray.losses.ordinal import cdr_to_class
 from jointray.metrics import (
     MISSING,
     bland_altman,
@@ -38,6 +41,10 @@ from jointray.metrics import (
     volume_metrics,
     voxel_calibration_error,
 )
+from jointray.metrics.cohort import validation_metrics, volume_agreement
+from jointray.tasks import JointOutput
+from jointray.train.batches import to_model_batch
+from jointray.train.validation import predict_cases
 
 SPACING = (0.8, 1.0, 2.5)
 STRUCTURES = {1: "anterior", 2: "posterior"}
@@ -104,7 +111,7 @@ def test_segmentation_per_sample_spacing_and_structure_subset():
     pred, target = _blob_labels(np.random.default_rng(1))
     spacings = [(0.8, 1.0, 2.5), (1.2, 0.7, 1.5)]
     ours = segmentation_metrics(pred, target, [2], spacings)
-    assert set(ours) == {"dice/2", "iou/2", "hd95/2", "assd/2"}
+    assert set(ours) == {"dice/2", "iou/2", "hd95/2", "assd/2", "missed/2"}
     for b, spacing in enumerate(spacings):
         p, t = (pred[b : b + 1] == 2).float()[:, None], (target[b : b + 1] == 2).float()[:, None]
         hd95 = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=spacing)
@@ -135,14 +142,39 @@ def test_cubes_offset_along_thick_axis(k):
 def test_segmentation_empty_cases_are_documented_values_without_warnings():
     target = torch.zeros(3, 8, 8, 8, dtype=torch.long)
     pred = torch.zeros_like(target)
-    target[1, 2:5, 2:5, 2:5] = 1  # sample 1: prediction empty
+    target[1, 2:5, 2:5, 2:5] = 1  # sample 1: prediction empty (a miss)
     pred[2, 2:5, 2:5, 2:5] = 1  # sample 2: reference empty; sample 0: both empty
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = segmentation_metrics(pred, target, {1: "a"}, SPACING)
     torch.testing.assert_close(out["dice/a"], torch.tensor([1.0, 0.0, 0.0]))
     torch.testing.assert_close(out["iou/a"], torch.tensor([1.0, 0.0, 0.0]))
-    assert torch.isnan(out["hd95/a"]).all() and torch.isnan(out["assd/a"]).all()
+    # One mask empty: the worst case, the diagonal of the 8 × 8 × 8 image box in mm.
+    diagonal = np.sqrt((8 * 0.8) ** 2 + (8 * 1.0) ** 2 + (8 * 2.5) ** 2)
+    for metric in ("hd95/a", "assd/a"):
+        assert torch.isnan(out[metric][0])  # both empty: no surface to measure, left out of the means
+        assert out[metric][1].item() == pytest.approx(diagonal, rel=1e-6)
+        assert out[metric][2].item() == pytest.approx(diagonal, rel=1e-6)
+    torch.testing.assert_close(out["missed/a"], torch.tensor([0.0, 1.0, 0.0]))
+
+
+@pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")  # MONAI-internal deprecation
+def test_a_miss_scores_worse_than_any_found_structure_with_per_sample_spacing():
+    """The worst case follows each sample's spacing and exceeds every distance MONAI can return on that grid:
+    two single voxels in opposite corners are as far apart as voxel centres get."""
+    spacings = [(0.8, 1.0, 2.5), (1.5, 0.5, 1.0)]
+    target = torch.zeros(2, 10, 7, 5, dtype=torch.long)
+    target[:, 0, 0, 0] = 1
+    pred = torch.zeros_like(target)
+    pred[0, -1, -1, -1] = 1  # sample 0: found, as far off as possible
+    out = segmentation_metrics(pred, target, {1: "a"}, spacings)
+    farthest = np.sqrt((9 * 0.8) ** 2 + (6 * 1.0) ** 2 + (4 * 2.5) ** 2)
+    assert out["hd95/a"][0].item() == pytest.approx(farthest, rel=1e-6)
+    diagonal = np.sqrt((10 * 1.5) ** 2 + (7 * 0.5) ** 2 + (5 * 1.0) ** 2)
+    assert out["hd95/a"][1].item() == pytest.approx(diagonal, rel=1e-6)
+    assert out["assd/a"][1].item() == pytest.approx(diagonal, rel=1e-6)
+    assert np.sqrt((10 * 0.8) ** 2 + (7 * 1.0) ** 2 + (5 * 2.5) ** 2) > farthest
+    torch.testing.assert_close(out["missed/a"], torch.tensor([0.0, 1.0]))
 
 
 def test_summarize_skips_undefined_values():
@@ -352,3 +384,121 @@ def test_interval_coverage_is_nominal_for_a_calibrated_normal():
     out = interval_coverage(samples, target, level=0.9)
     assert abs(out.coverage - 0.9) < 0.02
     assert out.mean_width == pytest.approx(2 * 1.6449, abs=0.03)
+
+
+# --- cohort summaries and validation ---------------------------------------------------------------
+
+
+def _targets(**given: float) -> dict[str, float]:
+    return {name: given.get(name, float("nan")) for name in ("mmse", "cdr", "time", "event")}
+
+
+def test_validation_counts_misses_and_keeps_their_worst_case_in_the_mean():
+    records = [
+        {"subject_id": "a", "has_label": True, "dice/x": 0.8, "hd95/x": 2.0, "missed/x": 0.0} | _targets(),
+        {"subject_id": "b", "has_label": True, "dice/x": 0.0, "hd95/x": 50.0, "missed/x": 1.0} | _targets(),
+        {"subject_id": "c", "has_label": True, "dice/x": 1.0, "hd95/x": float("nan"), "missed/x": 0.0} | _targets(),
+        {"subject_id": "d", "has_label": False} | _targets(),  # unlabelled: no segmentation keys
+    ]
+    metrics = validation_metrics(records, {1: "x"}, 4)
+    assert metrics["val/cases"] == 4
+    assert metrics["val/missed/x"] == 1 and metrics["val/missed"] == 1
+    assert metrics["val/hd95/x"] == 26.0  # the miss counts at its worst case; both-empty "c" is left out
+    assert metrics["val/dice/x"] == pytest.approx(0.6)
+
+
+def test_validation_outcome_scores_match_scipy_and_sklearn():
+    rng = np.random.default_rng(11)
+    stages = np.array([0.0, 0.5, 1.0, 2.0])
+    mmse = rng.normal(25, 3, size=40)
+    pred_mmse = mmse + rng.normal(0, 2, size=40)
+    cdr = stages[rng.integers(0, 4, size=40)]
+    pred_cdr = np.clip(cdr_to_class(torch.tensor(cdr)).numpy() + rng.choice([-1, 0, 0, 1], size=40), 0, 3)
+    mmse[:5], cdr[5:9] = np.nan, np.nan
+    records = [{"subject_id": str(i), "has_label": False, "pred_mmse": float(pred_mmse[i]), "pred_cdr": int(pred_cdr[i])}
+               | _targets(mmse=float(mmse[i]), cdr=float(cdr[i])) for i in range(40)]
+    metrics = validation_metrics(records, {1: "x"}, 4)
+    keep = ~np.isnan(mmse)
+    assert metrics["val/mmse_pearson"] == pytest.approx(stats.pearsonr(pred_mmse[keep], mmse[keep]).statistic, rel=1e-6)
+    present = ~np.isnan(cdr)
+    target = cdr_to_class(torch.tensor(cdr[present])).numpy()
+    assert metrics["val/cdr_macro_f1"] == pytest.approx(f1_score(target, pred_cdr[present], average="macro"), abs=1e-6)
+    assert metrics["val/cdr_qwk"] == pytest.approx(
+        cohen_kappa_score(target, pred_cdr[present], weights="quadratic", labels=range(4)), abs=1e-6)
+
+
+def test_volume_agreement_over_labelled_rows_matches_hand_formulas():
+    rng = np.random.default_rng(12)
+    reference = rng.normal(3000, 400, size=12)
+    predicted = reference + rng.normal(80, 150, size=12)
+    rows = [{"volume/x": float(p), "volume_ref/x": float(r)} for p, r in zip(predicted, reference)]
+    rows.insert(0, {"volume/x": 2500.0})  # unlabelled rows, first and later, have no reference volume
+    rows.append({"volume/x": 2600.0})
+    out = volume_agreement(rows, {1: "x"})
+    diff = predicted - reference
+    sd = np.sqrt(np.sum((diff - diff.mean()) ** 2) / 11)
+    assert out["volume_pairs/x"] == 12
+    assert out["volume_icc/x"] == pytest.approx(_icc_by_anova_loops(np.stack([predicted, reference], 1)), rel=1e-12)
+    assert out["volume_bias_mm3/x"] == pytest.approx(diff.mean(), rel=1e-12)
+    assert out["volume_loa_lower_mm3/x"] == pytest.approx(diff.mean() - 1.96 * sd, rel=1e-12)
+    assert out["volume_loa_upper_mm3/x"] == pytest.approx(diff.mean() + 1.96 * sd, rel=1e-12)
+    assert out["volume_abs_error_mm3/x"] == pytest.approx(np.abs(diff).mean(), rel=1e-12)
+    assert out["volume_rel_error/x"] == pytest.approx(np.mean(np.abs(diff) / reference), rel=1e-12)
+
+
+class _FixedSegmentation(torch.nn.Module):
+    """A stand-in model whose segmentation is a given label map (one-hot logits), whatever the input."""
+
+    def __init__(self, label_map: torch.Tensor, classes: int):
+        super().__init__()
+        self.logits = torch.nn.functional.one_hot(label_map, classes).movedim(-1, 1).float()
+
+    def forward(self, image, clinical, cross, voxel_volume) -> JointOutput:
+        return JointOutput(seg=[self.logits])
+
+
+def _oblique_affine(spacing: tuple[float, float, float], degrees: float) -> np.ndarray:
+    """A 4 × 4 affine whose axes are rotated about z and scaled by ``spacing`` (column norms = spacing)."""
+    a = np.deg2rad(degrees)
+    rotation = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag(spacing)
+    affine[:3, 3] = (-20.0, 5.0, 3.0)
+    return affine
+
+
+def _cube_batch(affines: list[np.ndarray], shifts: list[int]) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """A shard-like batch of 6³ reference cubes and the prediction: each cube shifted along axis 2."""
+    size, shape = len(affines), (16, 16, 16)
+    label = np.zeros((size, *shape), np.int64)
+    pred = np.zeros_like(label)
+    for b, k in enumerate(shifts):
+        label[b, 5:11, 5:11, 3:9] = 1
+        pred[b, 5:11, 5:11, 3 + k : 9 + k] = 1
+    batch = {
+        "subject_id": np.array([f"s{b}" for b in range(size)]), "image": np.zeros((size, 1, *shape), np.float32),
+        "label": label, "has_label": np.ones(size, bool), "affine": np.stack([a.reshape(-1) for a in affines]),
+        **{name: np.full(size, np.nan) for name in ("mmse", "cdr", "time", "event")},
+    }
+    return batch, torch.from_numpy(pred)
+
+
+def test_model_batch_spacing_is_the_affines_column_norms():
+    affines = [_oblique_affine((0.8, 1.0, 2.5), 30.0), _oblique_affine((1.2, 0.7, 3.0), -65.0)]
+    batch, _ = _cube_batch(affines, [1, 1])
+    model_batch = to_model_batch(batch, ClinicalSchema(), "cpu")
+    torch.testing.assert_close(model_batch.spacing, torch.tensor([[0.8, 1.0, 2.5], [1.2, 0.7, 3.0]], dtype=torch.float64))
+    torch.testing.assert_close(model_batch.voxel_volume, torch.tensor([2.0, 2.52]))
+
+
+@pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")  # MONAI-internal deprecation
+def test_validation_distances_are_in_each_cases_own_millimetres():
+    """As in test_cubes_offset_along_thick_axis, a shift of k voxels along axis 2 gives HD95 = k · spacing_2 mm;
+    the spacing comes from each case's affine, so two cases of a batch get their own."""
+    affines = [_oblique_affine((0.8, 1.0, 2.5), 30.0), _oblique_affine((1.2, 0.7, 3.0), -65.0)]
+    batch, pred = _cube_batch(affines, [2, 1])
+    model_batch = to_model_batch(batch, ClinicalSchema(), "cpu")
+    records = predict_cases(_FixedSegmentation(pred, 2), [model_batch], 1.0, {1: "cube"}, contextlib.nullcontext)
+    assert [r["hd95/cube"] for r in records] == pytest.approx([2 * 2.5, 1 * 3.0], abs=1e-6)
+    assert [r["dice/cube"] for r in records] == pytest.approx([4 / 6, 5 / 6])
+    assert [r["missed/cube"] for r in records] == [0.0, 0.0]

@@ -181,16 +181,14 @@ def test_v2_overfits_eight_synthetic_subjects(tmp_path):
     """A model that cannot overfit cannot learn: v2 on 8 synthetic subjects reaches Dice > 0.9 and
     MMSE MAE < 1.0 on those subjects within a few CPU minutes."""
     from jointray.data.prepare import prepare_one
-    from jointray.data.shards import clinical_kinds
     from jointray.data.sources import scan_manifest
-    from jointray.data.synthetic import generate_cohort
+    from jointray.data.synthetic import CLINICAL_COLUMNS, generate_cohort
     from jointray.metrics import segmentation_metrics
 
     torch.manual_seed(0)
     cfg = load_config(None, ["preprocess.target_shape=[48,48,48]"])
     scan = scan_manifest(generate_cohort(tmp_path, 8, seed=0), ["image"])
-    kinds = clinical_kinds(scan.records, scan.clinical_columns)
-    rows = [prepare_one(r, cfg.preprocess, {0, 1, 2}, cfg.data.max_voxels, kinds) for r in scan.records]
+    rows = [prepare_one(r, cfg.preprocess, {0, 1, 2}, cfg.data.max_voxels, CLINICAL_COLUMNS) for r in scan.records]
     columns = {k: np.array([r[k] for r in rows]) for k in rows[0] if k.startswith("clin_")}
     schema = ClinicalSchema.fit(columns)
     clinical = schema.encode(columns, len(rows))

@@ -18,6 +18,7 @@ from jointray.config import load_config
 from jointray.data.preprocess import restore_to_original
 from jointray.data.shards import geometry_from_row, read_spec
 from jointray.data.sources import scan_msd
+from jointray.data.augment import AUGMENT, Augmenter, stream_seed
 from jointray.data.streaming import split_subjects, train_val_datasets
 
 UNPAIRED = {
@@ -84,7 +85,7 @@ def test_prepared_labels_map_back_to_the_original_files_exactly(msd_prepared, ms
         assert abs(inside.mean()) < 0.05 and abs(inside.std() - 1) < 0.05, row["subject_id"]
 
 
-def test_streaming_split_is_deterministic_and_augments_training_only(msd_prepared):
+def test_streaming_split_is_deterministic_and_augmentation_is_seeded(msd_prepared):
     out, _ = msd_prepared
     cfg = load_config(REPO / "configs" / "msd_hippocampus.yaml", ["train.augment.affine_prob=1.0"])
     train_ids, val_ids = split_subjects(out, cfg.train.n_folds, cfg.train.fold, cfg.train.seed)
@@ -104,9 +105,17 @@ def test_streaming_split_is_deterministic_and_augments_training_only(msd_prepare
     batches = list(train.iter_batches(batch_size=8, batch_format="numpy"))
     assert sorted(s for b in batches for s in b["subject_id"]) == train_ids
     first = batches[0]
-    changed = [not np.array_equal(img, stored_images[s]) for s, img in zip(first["subject_id"], first["image"])]
-    assert all(changed)  # affine_prob=1: every training case is transformed
-    assert set(np.unique(first["label"])) <= {0, 1, 2}  # nearest-neighbour labels stay labels
+    for s, img in zip(first["subject_id"], first["image"]):  # the datasets stream the stored rows unchanged
+        np.testing.assert_array_equal(img, stored_images[s])
+    # Augmentation (in the training worker): every case transformed when affine_prob=1, the same draw for
+    # the same seed, another for the next batch index.
+    augment = Augmenter(cfg.train.augment)
+    once = augment(first, stream_seed(0, AUGMENT, 0, 0, 0))
+    assert all(not np.array_equal(a, b) for a, b in zip(once["image"], first["image"]))
+    np.testing.assert_array_equal(augment(first, stream_seed(0, AUGMENT, 0, 0, 0))["image"], once["image"])
+    assert not np.array_equal(augment(first, stream_seed(0, AUGMENT, 0, 0, 1))["image"], once["image"])
+    assert set(np.unique(once["label"])) <= {0, 1, 2} and once["label"].dtype == first["label"].dtype
+    assert list(once["subject_id"]) == list(first["subject_id"])
     tensors = next(iter(train.select_columns(["image", "label"]).iter_torch_batches(batch_size=4)))
     assert tuple(tensors["image"].shape) == (4, 1, 48, 64, 48) and tensors["image"].dtype == torch.float32
     assert tuple(tensors["label"].shape) == (4, 48, 64, 48)

@@ -80,7 +80,8 @@ def test_clinical_table_joins_by_subject_with_missing_values_and_duplicates(tmp_
         {"subject_id": "nobody", "apoe4": 2, "site": "C", "mmse": 10},
     ]).to_csv(tmp_path / "clinical.csv", index=False)
     cfg = load_config(None, ["data.format=manifest", f"data.root={tmp_path / 'm.csv'}",
-                             f"data.clinical={tmp_path / 'clinical.csv'}"])
+                             f"data.clinical={tmp_path / 'clinical.csv'}",
+                             "data.clinical_columns={apoe4: numeric, site: categorical}"])
     scan = scan_source(cfg.data)
     records = {r.subject_id: r for r in scan.records}
     assert set(records) == {"s1", "s2", "s3"}  # s3 has no clinical row: normal, kept

@@ -9,10 +9,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO
 from scipy.stats import pearsonr, spearmanr
 
+from jointray.config import load_config
+from jointray.data.records import RESERVED_COLUMNS
 from jointray.data.sources import scan_manifest
-from jointray.data.synthetic import MANIFEST_COLUMNS, cohort_matches, generate_cohort
+from jointray.data.synthetic import CLINICAL_COLUMNS, MANIFEST_COLUMNS, cohort_matches, generate_cohort
 
 N_LARGE = 200
 
@@ -119,6 +122,14 @@ def test_manifest_goes_through_the_manifest_source(cohort: tuple[Path, pd.DataFr
     scan = scan_manifest(manifest_path, ["image"])
     assert len(scan.records) == N_LARGE and not scan.rejected
     assert set(scan.clinical_columns) == {"age", "sex", "education_years", "apoe4"}
+
+
+def test_the_demo_config_declares_every_clinical_column_of_the_cohort() -> None:
+    assert CLINICAL_COLUMNS == {"age": "numeric", "sex": "categorical", "education_years": "numeric",
+                                "apoe4": "numeric"}
+    assert set(CLINICAL_COLUMNS) == set(MANIFEST_COLUMNS) - RESERVED_COLUMNS - {"image"}
+    assert load_config(REPO / "configs" / "synthetic.yaml").data.clinical_columns == CLINICAL_COLUMNS
+    assert load_config(REPO / "configs" / "msd_hippocampus.yaml").data.clinical_columns == {}  # no clinical table
 
 
 def test_labels_geometry_and_orientation(cohort: tuple[Path, pd.DataFrame, pd.DataFrame]) -> None:

@@ -17,7 +17,8 @@ from jointray.train.trainer import FAULT_MARKER, plan_placement, run_training
 #: Small and fast: 20 synthetic subjects, 48³, augmentation off so two runs with one seed are comparable.
 BASE = ["data.format=synthetic", "data.synthetic.n_subjects=20", "preprocess.target_shape=[48,48,48]",
         "train.batch_size=4", "train.n_folds=4", "train.augment.enabled=false", "train.patience=null",
-        "model.channels=[8,16,32,64]"]
+        "model.channels=[8,16,32,64]",
+        "data.clinical_columns={age: numeric, sex: categorical, education_years: numeric, apoe4: numeric}"]
 
 
 @pytest.fixture(scope="module")

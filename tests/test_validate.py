@@ -78,9 +78,10 @@ def _hostile_cohort(folder: Path) -> tuple[Path, dict[str, str]]:
     bad("absurd_size", "header claims 68,719,476,736 voxels (4096, 4096, 4096), over the limit", image="huge.nii")
     bad("bad_mmse", "mmse=45 is outside 0..30", mmse=45)
     bad("bad_event", "event=2 is not 0 or 1", event=2)
+    other_image, _ = _good_pair(folder, "other", 10)
     rows.append({"subject_id": "twin", "image": image, "label": label})
-    rows.append({"subject_id": "twin", "image": image, "label": label})
-    expected["twin"] = "duplicate subject_id 'twin' (2 cases)"
+    rows.append({"subject_id": "twin", "image": other_image, "label": label})
+    expected["twin"] = "subject_id 'twin' is listed 2 times with different files"
     manifest = folder / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest, expected
@@ -115,7 +116,8 @@ def test_each_bad_input_is_quarantined_with_its_reason(hostile):
 def test_pipeline_survives_every_bad_input(hostile, ray_session, tmp_path):
     manifest, expected = hostile
     cfg = load_config(None, [f"data.root={manifest}", "data.format=manifest", f"data.output={tmp_path / 'out'}",
-                             "data.max_voxels=1000000", "preprocess.target_shape=[16,16,16]"])
+                             "data.max_voxels=1000000", "preprocess.target_shape=[16,16,16]",
+                             "data.clinical_columns={age: numeric}"])
     report = prepare_dataset(cfg)
     n_rows = len(pd.read_csv(manifest))
     assert report.prepared == 3

@@ -1,11 +1,17 @@
 """Prepare a dataset on Ray Data: scan → validate + preprocess in parallel → Parquet shards + report.
 
 Every input ends up either prepared or quarantined with its path and reason — never dropped — so
-``inputs == prepared + quarantined`` always holds. One bad volume never stops the others: the
-per-case function turns an :class:`InputError` (or an unexpected failure while preprocessing)
-into a quarantine record, and only good rows reach the shards. The run is a single streaming pass
-(read → prepare → write), so memory stays bounded whatever the number of cases; ``data.output``
-must be a path every Ray node can write (a shared filesystem on a cluster).
+``inputs == prepared + quarantined`` always holds (an entry listed twice exactly is one input, and the
+repeat is among the report's warnings). One bad volume never stops the others: the per-case function
+turns an :class:`InputError` (or an unexpected failure while preprocessing) into a quarantine record,
+and only good rows reach the shards. The run is a single streaming pass (read → prepare → write), so
+memory stays bounded whatever the number of cases; ``data.output`` must be a path every Ray node can
+write (a shared filesystem on a cluster).
+
+The output (shards, ``spec.json``, ``source.json``, ``report.json``) is written into a staging folder
+beside ``data.output`` and switched in whole at the end (:mod:`jointray.atomic_dir`): a run that fails or
+is killed leaves the previous output as it was, never new shards beside an old spec. Since the folder is
+replaced whole, ``data.output`` must be new, empty or a previous prepare's output.
 """
 
 from __future__ import annotations
@@ -23,21 +29,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 
-from jointray.config import Config
-from jointray.data.spec import PreprocessSpec
+from jointray.atomic_dir import staged_dir
+from jointray.config import Config, ConfigError
 from jointray.data.errors import InputError
 from jointray.data.preprocess import preprocess_case
+from jointray.data.provenance import describe_source, write_source
 from jointray.data.records import CaseRecord, Quarantined
 from jointray.data.shards import (
     REPORT_FILE,
     SHARDS_DIR,
+    SPEC_FILE,
     case_row,
-    clinical_kinds,
     empty_prepared,
     rows_to_table,
     write_spec,
 )
-from jointray.data.sources import scan_source
+from jointray.data.sources import Scan, scan_source
+from jointray.data.spec import PreprocessSpec
 from jointray.data.validate import load_case
 
 #: At most this many cases per Ray Data block (about 0.75 MB each once prepared): bounds a task's memory.
@@ -54,13 +62,18 @@ def _cases_per_block(n_cases: int) -> int:
 
 @dataclass
 class PrepareReport:
+    """What prepare did; also written as ``report.json``. ``clinical_columns``: the clinical inputs and their
+    kinds; ``clinical_features``: the same in a line for people, with the columns left out of the model."""
+
     inputs: int
     prepared: int
     quarantined: list[Quarantined]
     warnings: list[dict[str, Any]] = field(default_factory=list)
     output: str = ""
     spec_digest: str = ""
+    source_digest: str = ""
     clinical_columns: dict[str, str] = field(default_factory=dict)
+    clinical_features: str = ""
     elapsed_s: float = 0.0
 
     def to_json(self) -> str:
@@ -123,56 +136,72 @@ def _read_notes(notes_dir: Path) -> tuple[list[Quarantined], list[dict[str, Any]
     return quarantined, warnings
 
 
+def _clinical_features(declared: dict[str, str], scan: Scan) -> str:
+    used = ", ".join(f"{name} ({kind})" for name, kind in declared.items()) or "none (data.clinical_columns is empty)"
+    unused = [c for c in scan.clinical_columns if c not in declared]
+    return used + (f"; not used: {', '.join(unused)}" if unused else "")
+
+
+def _check_output(output: Path) -> None:
+    """The whole folder is replaced: refuse one that holds anything but a previous prepare's output."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"data.output={output} is a file; prepare writes a folder there")
+    if not output.is_dir() or (output / SPEC_FILE).is_file() or (output / REPORT_FILE).is_file():
+        return
+    held = sorted(p.name for p in output.iterdir())
+    if held:
+        raise ConfigError(f"data.output={output} holds {held[:5]}{' and more' if len(held) > 5 else ''}, not a "
+                          f"prepared dataset; prepare replaces the whole folder, so point data.output at a new, "
+                          f"empty or previously prepared folder")
+
+
 def prepare_dataset(cfg: Config) -> PrepareReport:
     """Run the whole prepare step for ``cfg``; needs a Ray instance (``ray.init`` done by the caller)."""
     started = time.perf_counter()
     spec = cfg.preprocess
-    scan = scan_source(cfg.data)
-    kinds = clinical_kinds(scan.records, scan.clinical_columns)
     output = Path(cfg.data.output)
-    output.mkdir(parents=True, exist_ok=True)
-    # Shards are written to a fresh folder and swapped in at the end, so a crash never leaves a
-    # mix of old and new shards behind.
-    staging = output / f".{SHARDS_DIR}-{uuid.uuid4().hex[:8]}"
-    notes_dir = output / f".notes-{uuid.uuid4().hex[:8]}"
-    notes_dir.mkdir()
-    prepared = 0
-    if scan.records:
-        items = [{"record": r.to_json()} for r in scan.records]
-        ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // _cases_per_block(len(items))))
-        ds.map_batches(
-            _prepare_batch,
-            batch_size=None,
-            fn_kwargs={
-                "spec_json": spec.model_dump_json(),
-                "label_values": sorted(cfg.data.label_names),
-                "max_voxels": cfg.data.max_voxels,
-                "kinds": kinds,
-                "notes_dir": str(notes_dir.resolve()),
-            },
-        ).write_parquet(str(staging), min_rows_per_file=cfg.data.rows_per_shard)
-        prepared = sum(pq.read_metadata(f).num_rows for f in staging.glob("*.parquet"))
-    quarantined, warnings = _read_notes(notes_dir)
-    shutil.rmtree(notes_dir)
-    quarantined = list(scan.rejected) + quarantined
-    shards = output / SHARDS_DIR
-    if shards.exists():
-        shutil.rmtree(shards)
-    if prepared:
-        staging.rename(shards)
-    elif staging.exists():
-        shutil.rmtree(staging)
-    write_spec(output, spec)
-    quarantined.sort(key=lambda q: (q.stage, q.path))
-    report = PrepareReport(
-        inputs=len(scan.records) + len(scan.rejected),
-        prepared=prepared,
-        quarantined=quarantined,
-        warnings=warnings,
-        output=str(output),
-        spec_digest=spec.digest(),
-        clinical_columns=kinds,
-        elapsed_s=round(time.perf_counter() - started, 2),
-    )
-    (output / REPORT_FILE).write_text(report.to_json())
+    _check_output(output)
+    scan = scan_source(cfg.data)
+    # Recorded before any volume is read, so a case file that changes during the run shows as changed.
+    source = describe_source(cfg.data, scan)
+    kinds = dict(cfg.data.clinical_columns)
+    with staged_dir(output) as staging:
+        shards, notes_dir = staging / SHARDS_DIR, staging / ".notes"
+        notes_dir.mkdir()
+        prepared = 0
+        if scan.records:
+            items = [{"record": r.to_json()} for r in scan.records]
+            ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // _cases_per_block(len(items))))
+            ds.map_batches(
+                _prepare_batch,
+                batch_size=None,
+                fn_kwargs={
+                    "spec_json": spec.model_dump_json(),
+                    "label_values": sorted(cfg.data.label_names),
+                    "max_voxels": cfg.data.max_voxels,
+                    "kinds": kinds,
+                    "notes_dir": str(notes_dir.resolve()),
+                },
+            ).write_parquet(str(shards.resolve()), min_rows_per_file=cfg.data.rows_per_shard)
+            prepared = sum(pq.read_metadata(f).num_rows for f in shards.glob("*.parquet"))
+        quarantined, warnings = _read_notes(notes_dir)
+        shutil.rmtree(notes_dir)
+        if not prepared and shards.exists():
+            shutil.rmtree(shards)
+        quarantined = sorted([*scan.rejected, *quarantined], key=lambda q: (q.stage, q.path))
+        report = PrepareReport(
+            inputs=len(scan.records) + len(scan.rejected),
+            prepared=prepared,
+            quarantined=quarantined,
+            warnings=scan.warnings + warnings,
+            output=str(output),
+            spec_digest=spec.digest(),
+            source_digest=source["digest"],
+            clinical_columns=kinds,
+            clinical_features=_clinical_features(kinds, scan),
+            elapsed_s=round(time.perf_counter() - started, 2),
+        )
+        write_spec(staging, spec)
+        write_source(staging, source)
+        (staging / REPORT_FILE).write_text(report.to_json())
     return report

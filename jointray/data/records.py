@@ -9,6 +9,8 @@ from typing import Any
 
 #: Outcome targets a case may carry; any of them may be missing (None).
 TARGETS = ("mmse", "cdr", "time", "event")
+#: Table columns with a meaning of their own: never clinical inputs (a target there would leak it).
+RESERVED_COLUMNS = frozenset({"subject_id", "label", "split", "fold", *TARGETS})
 
 
 @dataclass

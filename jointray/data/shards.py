@@ -6,10 +6,12 @@ One row per case. Tensor columns (Ray's Arrow tensor type):
 ``crop_start`` (3,) int64. Scalars: ``subject_id``, ``has_label``, ``label_voxels_cropped``,
 targets ``mmse``/``cdr``/``time``/``event`` (float64, NaN = missing), ``split`` ("" = none),
 ``fold`` (-1 = none), ``source_images`` (JSON list of paths), ``source_label`` ("" = none), and one
-``clin_<name>`` column per clinical variable (float64 with NaN, or string with nulls).
+``clin_<name>`` column per clinical input declared in ``data.clinical_columns`` (numeric: float64 with
+NaN; categorical: string with nulls).
 
-Beside the shards: ``spec.json`` (the :class:`~jointray.data.spec.PreprocessSpec` and its digest) and
-``report.json`` (what was prepared and what was quarantined, and why).
+Beside the shards: ``spec.json`` (the :class:`~jointray.data.spec.PreprocessSpec` and its digest),
+``source.json`` (what they were prepared from, see :mod:`jointray.data.provenance`) and ``report.json``
+(what was prepared and what was quarantined, and why).
 """
 
 from __future__ import annotations
@@ -22,27 +24,19 @@ import numpy as np
 import pyarrow as pa
 from ray.data.extensions import ArrowTensorArray
 
-from jointray.data.spec import PreprocessSpec
 from jointray.data.preprocess import Geometry, Prepared
 from jointray.data.records import TARGETS, CaseRecord
+from jointray.data.spec import PreprocessSpec
 
 SHARDS_DIR = "shards"
 SPEC_FILE = "spec.json"
+SOURCE_FILE = "source.json"
 REPORT_FILE = "report.json"
 CLINICAL_PREFIX = "clin_"
 
 
-def clinical_kinds(records: list[CaseRecord], columns: list[str]) -> dict[str, str]:
-    """"numeric" for a column whose present values are all numbers, else "categorical"."""
-    kinds = {}
-    for column in columns:
-        values = [r.clinical.get(column) for r in records if r.clinical.get(column) is not None]
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        kinds[column] = "numeric" if numeric else "categorical"
-    return kinds
-
-
 def case_row(record: CaseRecord, prepared: Prepared, kinds: dict[str, str]) -> dict[str, Any]:
+    """One shard row; ``kinds`` maps each clinical input to "numeric" or "categorical" (``data.clinical_columns``)."""
     g = prepared.geometry
     row: dict[str, Any] = {
         "subject_id": record.subject_id,

@@ -1,16 +1,18 @@
 """Sources: find the cases of a dataset without reading any image.
 
 Each source returns a :class:`Scan`: the case records it found and the inputs it refused (files that
-cannot be paired, duplicate subject IDs, impossible target values). Reading and checking the images
+cannot be paired, entries that give one subject different files or values, impossible target values).
+An entry listed twice exactly is kept once and reported, not refused. Reading and checking the images
 happens later, in parallel, in :mod:`jointray.data.validate`.
 
 Supported:
 - an MSD folder (``dataset.json`` + ``imagesTr/`` + ``labelsTr/``; files the JSON does not pair are reported);
 - a manifest table (CSV or Parquet) with ``subject_id``, one or more image columns, optional ``label``,
-  clinical columns, targets ``mmse``/``cdr``/``time``/``event`` and optional ``split``/``fold``;
+  targets ``mmse``/``cdr``/``time``/``event``, optional ``split``/``fold`` and any other columns;
 - a DICOM folder: one case per sub-folder or zip (or the folder itself when it holds the slices);
 - the built-in synthetic cohort, generated as NIfTI + manifest and then read as a manifest.
-A clinical table joined by ``subject_id`` can be added to any of them.
+A clinical table joined by ``subject_id`` can be added to any of them. Of the other columns of the
+manifest and the clinical table, only those named in ``data.clinical_columns`` become clinical inputs.
 """
 
 from __future__ import annotations
@@ -24,20 +26,24 @@ from typing import Any
 import pandas as pd
 
 from jointray.config import ConfigError, DataConfig
-from jointray.data.records import TARGETS, CaseRecord, Quarantined, clean_value
+from jointray.data.records import RESERVED_COLUMNS, TARGETS, CaseRecord, Quarantined, clean_value
 from jointray.data.synthetic import cohort_matches, generate_cohort
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
-_MANIFEST_RESERVED = {"subject_id", "label", "split", "fold", *TARGETS}
 #: Allowed target values; anything else is a data-entry error worth a person's look.
 _CDR_STAGES = {0.0, 0.5, 1.0, 2.0, 3.0}
 
 
 @dataclass
 class Scan:
+    """What a source holds. ``clinical_columns``: every non-reserved, non-image column its tables offer
+    (the records carry only the declared ones once :func:`scan_source` is done); ``warnings``: notes for
+    the report, ``{"subject_id", "message"}`` each."""
+
     records: list[CaseRecord] = field(default_factory=list)
     rejected: list[Quarantined] = field(default_factory=list)
     clinical_columns: list[str] = field(default_factory=list)
+    warnings: list[dict[str, str]] = field(default_factory=list)
 
 
 def _is_nifti(path: Path) -> bool:
@@ -136,7 +142,7 @@ def scan_manifest(path: Path, image_columns: list[str]) -> Scan:
             f"manifest {path} lacks image column(s) {missing} (data.image_columns); it has {list(table.columns)}"
         )
     base = path.parent
-    clinical_cols = [c for c in table.columns if c not in _MANIFEST_RESERVED and c not in image_columns]
+    clinical_cols = [c for c in table.columns if c not in RESERVED_COLUMNS and c not in image_columns]
     scan = Scan(clinical_columns=clinical_cols)
     for index, row in enumerate(table.to_dict("records")):
         where = f"{path} row {index + 2}"  # +2: header line and 1-based rows, as a spreadsheet shows them
@@ -187,7 +193,7 @@ def _join_clinical(scan: Scan, path: Path) -> None:
     table = _read_table(path)
     counts = Counter(table["subject_id"])
     targets_in_table = [t for t in TARGETS if t in table.columns]
-    extra = [c for c in table.columns if c not in _MANIFEST_RESERVED]
+    extra = [c for c in table.columns if c not in RESERVED_COLUMNS]
     rows = {r["subject_id"]: r for r in table.to_dict("records")}
     kept = []
     for record in scan.records:
@@ -214,35 +220,101 @@ def _join_clinical(scan: Scan, path: Path) -> None:
             record.clinical.setdefault(column, None)
 
 
-def _reject_duplicates(scan: Scan) -> None:
-    counts = Counter(r.subject_id for r in scan.records)
+def _select_clinical(scan: Scan, declared: dict[str, str], tables: list[Path]) -> None:
+    """Keep only the declared clinical columns on every record, numeric ones as floats. A declared column
+    that ``tables`` lack, or a numeric one holding text, is a ConfigError naming it: both mean the
+    declaration and the data disagree, and a guess either way would change what the model sees."""
+    where = " and ".join(str(t) for t in tables)
+    missing = [c for c in declared if c not in scan.clinical_columns]
+    if missing and not tables:
+        raise ConfigError(f"data.clinical_columns lists {missing}, but this source has no table of clinical "
+                          f"values: name one joined by subject_id in data.clinical")
+    if missing:
+        raise ConfigError(f"data.clinical_columns lists {missing}, but {where} has no such column "
+                          f"(its other columns: {scan.clinical_columns or 'none'})")
+    for column in (c for c, kind in declared.items() if kind == "numeric"):
+        bad = []
+        for record in scan.records:
+            value = record.clinical.get(column)
+            if value is None:
+                continue
+            try:
+                record.clinical[column] = float(value)
+            except (TypeError, ValueError):
+                bad.append(f"{value!r} (subject {record.subject_id})")
+        if bad:
+            raise ConfigError(f"data.clinical_columns: {column!r} is declared numeric, but {where} holds "
+                              f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}: fix the values or "
+                              f"declare it categorical")
     for record in scan.records:
-        if counts[record.subject_id] > 1:
-            scan.rejected.append(
-                Quarantined(record.subject_id, record.images[0],
-                            f"duplicate subject_id {record.subject_id!r} ({counts[record.subject_id]} cases)", "scan")
-            )
-    scan.records = [r for r in scan.records if counts[r.subject_id] == 1]
+        record.clinical = {c: record.clinical.get(c) for c in declared}
+
+
+def _entry_files(record: CaseRecord) -> str:
+    return " ".join(f"image {p}" for p in record.images) + (f" label {record.label}" if record.label else "")
+
+
+def _differing_values(entries: list[CaseRecord]) -> list[str]:
+    fields = []
+    for name in ("targets", "clinical"):
+        keys = sorted({k for e in entries for k in getattr(e, name)})
+        fields += [k for k in keys if len({repr(getattr(e, name).get(k)) for e in entries}) > 1]
+    return fields + [name for name in ("split", "fold") if len({getattr(e, name) for e in entries}) > 1]
+
+
+def _resolve_repeats(scan: Scan, listing: Path) -> None:
+    """One case per subject. An entry repeated exactly (same files and values) is kept once and noted in
+    ``scan.warnings``; entries that give one subject different files or values are all quarantined, since
+    nothing says which of them is right."""
+    groups: dict[str, list[CaseRecord]] = {}
+    for record in scan.records:
+        groups.setdefault(record.subject_id, []).append(record)
+    kept = []
+    for subject, entries in groups.items():
+        if all(e == entries[0] for e in entries[1:]):
+            kept.append(entries[0])
+            if len(entries) > 1:
+                scan.warnings.append({"subject_id": subject, "message": f"listed {len(entries)} times in {listing} "
+                                                                      "with the same files and values; kept once"})
+            continue
+        files = {_entry_files(e) for e in entries}
+        if len(files) > 1:
+            reason = f"different files: {' | '.join(sorted(files))}"
+        else:
+            reason = f"the same files but different values ({', '.join(_differing_values(entries))})"
+        scan.rejected += [Quarantined(subject, e.images[0], f"subject_id {subject!r} is listed {len(entries)} times "
+                                      f"with {reason}", "scan") for e in entries]
+    scan.records = kept
+
+
+def find_cases(cfg: DataConfig) -> Scan:
+    """The cases ``cfg`` points at, found by listing folders and reading tables only: no image is read and
+    nothing is generated. What :func:`scan_source` prepares, and what train's source check recomputes."""
+    root = Path(cfg.root)
+    if cfg.format == "msd":
+        listing, scan = root / "dataset.json", scan_msd(root, cfg.label_names)
+    elif cfg.format == "manifest":
+        listing, scan = root, scan_manifest(root, cfg.image_columns)
+    elif cfg.format == "dicom":
+        listing, scan = root, scan_dicom(root)
+    else:
+        listing = root / "manifest.csv"
+        scan = scan_manifest(listing, ["image"])
+    tables = [listing] if cfg.format in ("manifest", "synthetic") else []
+    if cfg.clinical is not None:
+        _join_clinical(scan, Path(cfg.clinical))
+        tables.append(Path(cfg.clinical))
+    _select_clinical(scan, cfg.clinical_columns, tables)
+    _resolve_repeats(scan, listing)
+    return scan
 
 
 def scan_source(cfg: DataConfig) -> Scan:
     """Find the cases that ``cfg`` points at (generating the synthetic cohort first if asked to)."""
-    root = Path(cfg.root)
-    if cfg.format == "msd":
-        scan = scan_msd(root, cfg.label_names)
-    elif cfg.format == "manifest":
-        scan = scan_manifest(root, cfg.image_columns)
-    elif cfg.format == "dicom":
-        scan = scan_dicom(root)
-    else:
-        s = cfg.synthetic
-        if not cohort_matches(root, s.n_subjects, s.seed, s.shape, s.spacing):
-            generate_cohort(root, s.n_subjects, s.seed, s.shape, s.spacing)
-        scan = scan_manifest(root / "manifest.csv", ["image"])
-    if cfg.clinical is not None:
-        _join_clinical(scan, Path(cfg.clinical))
-    _reject_duplicates(scan)
-    return scan
+    s = cfg.synthetic
+    if cfg.format == "synthetic" and not cohort_matches(cfg.root, s.n_subjects, s.seed, s.shape, s.spacing):
+        generate_cohort(cfg.root, s.n_subjects, s.seed, s.shape, s.spacing)
+    return find_cases(cfg)
 
 
 def scan_nifti_folder(root: Path, labels: Path | None) -> Scan:
@@ -269,13 +341,14 @@ def scan_path(path: Path, cfg: DataConfig, labels: Path | None = None) -> Scan:
         raise ConfigError(f"{path} does not exist")
     if labels is not None and not labels.is_dir():
         raise ConfigError(f"labels folder {labels} does not exist")
+    listing = path
     if path.is_dir() and (path / "dataset.json").is_file():
-        scan = scan_msd(path, cfg.label_names)
+        listing, scan = path / "dataset.json", scan_msd(path, cfg.label_names)
     elif path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".parquet"):
         scan = scan_manifest(path, cfg.image_columns)
     elif path.is_dir() and any(_is_nifti(p) for p in path.iterdir()):
         scan = scan_nifti_folder(path, labels)
     else:
         scan = scan_dicom(path)
-    _reject_duplicates(scan)
+    _resolve_repeats(scan, listing)
     return scan

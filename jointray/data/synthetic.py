@@ -83,13 +83,16 @@ import numpy as np
 import pandas as pd
 from scipy.ndimage import gaussian_filter
 
-__all__ = ["GENERATOR_VERSION", "MANIFEST_COLUMNS", "cohort_matches", "generate_cohort"]
+__all__ = ["CLINICAL_COLUMNS", "GENERATOR_VERSION", "MANIFEST_COLUMNS", "cohort_matches", "generate_cohort"]
 
 #: Bump whenever the output for a given (n, seed, shape, spacing) changes, so stale folders are regenerated.
 GENERATOR_VERSION = 1
 MANIFEST_COLUMNS = (
     "subject_id", "image", "label", "age", "sex", "education_years", "apoe4", "mmse", "cdr", "time", "event",
 )
+#: The manifest's clinical covariates and their kinds, as ``configs/synthetic.yaml`` declares them in
+#: ``data.clinical_columns`` (apoe4 counts risk alleles, so it is a number).
+CLINICAL_COLUMNS = {"age": "numeric", "sex": "categorical", "education_years": "numeric", "apoe4": "numeric"}
 
 # Tissue classes of the (noise-free) anatomy; the hippocampus class is split into labels 1/2 separately.
 _WM, _GM, _CSF, _AMYGDALA, _HIPPOCAMPUS = range(5)

@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from jointray.data.spec import PreprocessSpec
 from jointray.data.clinical import ClinicalSchema
 from jointray.data.errors import InputError
 from jointray.data.preprocess import Geometry, preprocess_case
 from jointray.data.records import CaseRecord
+from jointray.data.spec import PreprocessSpec
 from jointray.data.validate import LoadedCase, check_case, load_case
 from jointray.data.volumes import Volume
 

@@ -6,6 +6,10 @@ not once per case. Each actor writes the predicted masks itself, in the input's 
 ``<out>/masks/<input file name>``; only small per-case rows travel back to the driver, which writes
 ``<out>/cases.csv`` and ``<out>/summary.json``. Inputs that fail validation are reported there,
 never fatal. ``out`` must be writable from every node (a shared filesystem on a cluster).
+
+``summary.json``'s metrics (:func:`summarize_cases`) are taken over the rows that have each input,
+so labelled and unlabelled cases mix: segmentation scores and volume agreement over labelled cases,
+mean volumes over all, outcome scores over cases with a target.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from jointray.data.records import CaseRecord, Quarantined
 from jointray.data.sources import scan_path
 from jointray.inference.answers import mask_image
 from jointray.inference.predictor import CasePrediction, Predictor
-from jointray.metrics.cohort import validation_metrics
+from jointray.metrics.cohort import validation_metrics, volume_agreement
 
 MASKS_DIR = "masks"
 CASES_FILE = "cases.csv"
@@ -95,6 +99,37 @@ class PredictorActor:
         return {"result": np.array(rows, dtype=object)}
 
 
+def summarize_cases(rows: list[dict[str, Any]], structures: dict[int, str], cdr_classes: int) -> dict[str, float]:
+    """The cohort metrics of ``summary.json`` from per-case rows (:meth:`CasePrediction.row`).
+
+    Each labelled row first gets ``missed/<name>``: 1 where the predicted volume is 0 and the reference's
+    is not (the prediction has no voxel of a structure the reference has), else 0.
+
+    Args:
+        rows: per-case rows; labelled and unlabelled ones may come in any order.
+        structures: label → name.
+        cdr_classes: K of the model's CDR head.
+
+    Returns:
+        :func:`~jointray.metrics.cohort.validation_metrics` without its ``val/`` prefix (``cases``; per
+        structure ``dice/``, ``hd95/`` in mm with a miss at its worst case, and ``missed/`` counts;
+        outcome scores), ``mean_volume/<name>_mm3`` over every row, ``mean_volume_ref/<name>_mm3`` over
+        the labelled ones, and :func:`~jointray.metrics.cohort.volume_agreement` (ICC, Bland–Altman,
+        volume errors).
+    """
+    for row in rows:
+        for name in structures.values():
+            if f"volume_ref/{name}" in row:
+                row[f"missed/{name}"] = float(row[f"volume/{name}"] == 0 and row[f"volume_ref/{name}"] > 0)
+    metrics = {k.removeprefix("val/"): v for k, v in validation_metrics(rows, structures, cdr_classes).items()}
+    for prefix in ("volume/", "volume_ref/"):
+        for name in structures.values():
+            values = [r[prefix + name] for r in rows if prefix + name in r]
+            if values:
+                metrics[f"mean_{prefix}{name}_mm3"] = float(np.mean(values))
+    return metrics | volume_agreement(rows, structures)
+
+
 def _pool_size(requested: int | None, n_cases: int) -> int:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return max(1, min(requested or cpus, cpus, n_cases))
@@ -139,14 +174,9 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, labels: 
                 rows.append(payload["case"])
     rows.sort(key=lambda r: r["subject_id"])
     quarantined.sort(key=lambda q: (q.stage, q.path))
-    pd.DataFrame(rows).to_csv(out / CASES_FILE, index=False)
     structures = {k: v for k, v in data_cfg.label_names.items() if k != 0}
-    metrics: dict[str, float] = {}
-    if rows:
-        summary = validation_metrics(rows, structures, cfg.model.cdr_classes)
-        metrics = {k.removeprefix("val/"): v for k, v in summary.items()}
-        volumes = [k for k in rows[0] if k.startswith(("volume/", "volume_ref/"))]
-        metrics |= {f"mean_{k}_mm3": float(np.mean([r[k] for r in rows])) for k in volumes}
+    metrics = summarize_cases(rows, structures, cfg.model.cdr_classes) if rows else {}
+    pd.DataFrame(rows).to_csv(out / CASES_FILE, index=False)
     report = EvaluationReport(checkpoint=str(checkpoint), data=str(data), inputs=len(scan.records) + len(scan.rejected),
                               predicted=len(rows), quarantined=quarantined, metrics=metrics, out=str(out), tta=tta,
                               elapsed_s=round(time.perf_counter() - started, 2))

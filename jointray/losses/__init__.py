@@ -4,7 +4,6 @@ from jointray.losses.correlation import TaskCorrelationPenalty
 from jointray.losses.ordinal import (
     CDR_STAGES,
     CoralLoss,
-    CumulativeLinkLoss,
     cdr_to_class,
     class_to_cdr,
     coral_predict,
@@ -18,7 +17,6 @@ __all__ = [
     "CDR_STAGES",
     "CoralLoss",
     "CoxPHLoss",
-    "CumulativeLinkLoss",
     "DeepSupervisionDiceCE",
     "MaskedHuberLoss",
     "TaskCorrelationPenalty",

@@ -1,4 +1,4 @@
-"""Ordinal losses for the clinical dementia rating (CDR): CORAL and a cumulative-link model.
+"""The ordinal loss for the clinical dementia rating (CDR): CORAL, with its class probabilities and prediction.
 
 CDR stages are mapped to ordinal classes by :func:`cdr_to_class`: 0 → 0, 0.5 → 1, 1 → 2, 2 → 3, 3 → 4,
 and every stage above the top class is merged into it. With the default ``num_classes=4``
@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.modules.loss import _Loss
 
 from jointray.losses.masking import as_vector, zero_with_graph
@@ -142,74 +141,3 @@ def coral_predict(logits: torch.Tensor) -> torch.Tensor:
         (B,) long classes in ``[0, K)``.
     """
     return (logits > 0).sum(dim=1)
-
-
-class CumulativeLinkLoss(_Loss):
-    """Negative log-likelihood of the cumulative-link (proportional odds) model with learnable cutpoints
-    (McCullagh, "Regression models for ordinal data", JRSS B 1980).
-
-    ``P(y ≤ k | η) = σ(θ_k − η)`` for ``k = 0..K-2`` with ordered cutpoints ``θ_0 < θ_1 < … < θ_{K-2}``, so
-    ``P(y = k) = σ(θ_k − η) − σ(θ_{k-1} − η)`` (θ_{-1} = −∞, θ_{K-1} = +∞), and a larger score η means
-    a higher class. Unlike :class:`CoralLoss`, this is one multinomial likelihood rather than K-1 separate
-    binary ones, and the cutpoints live in the loss: pass the loss' parameters to the optimizer too.
-    The order is built in: ``θ_0 = c_0``, ``θ_k = θ_{k-1} + exp(c_k)``. The mean runs over subjects with a
-    target; a 0 connected to the graph when none has one.
-
-    Shapes:
-        - input: (B,) or (B, 1) scores η.
-        - target: (B,) integer classes in ``[0, K)``; -1 or NaN = missing.
-        - output: scalar.
-    """
-
-    def __init__(self, num_classes: int, init_cutpoints: Sequence[float] | None = None) -> None:
-        """
-        Args:
-            num_classes: K ≥ 2.
-            init_cutpoints: K-1 increasing starting cutpoints; default evenly spaced, centred on 0.
-        """
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if init_cutpoints is None:
-            cutpoints = torch.arange(num_classes - 1, dtype=torch.float32) - (num_classes - 2) / 2
-        else:
-            cutpoints = torch.as_tensor(init_cutpoints, dtype=torch.float32)
-            if cutpoints.shape != (num_classes - 1,) or bool((cutpoints.diff() <= 0).any()):
-                raise ValueError(
-                    f"init_cutpoints must be {num_classes - 1} increasing values, got {cutpoints.tolist()}"
-                )
-        self.num_classes = num_classes
-        self.raw_cutpoints = nn.Parameter(torch.cat([cutpoints[:1], cutpoints.diff().log()]))
-
-    @property
-    def cutpoints(self) -> torch.Tensor:
-        """θ: (K-1,) increasing cutpoints."""
-        return torch.cat([self.raw_cutpoints[:1], self.raw_cutpoints[1:].exp()]).cumsum(0)
-
-    def probabilities(self, input: torch.Tensor) -> torch.Tensor:
-        """Class probabilities ``P(y = k | η)``: (B,) or (B, 1) scores → (B, K)."""
-        eta = as_vector(input, "input")
-        cumulative = torch.sigmoid(self.cutpoints.to(eta.dtype) - eta.unsqueeze(1))  # (B, K-1): P(y ≤ k)
-        zeros = torch.zeros_like(cumulative[:, :1])
-        cumulative = torch.cat([zeros, cumulative, torch.ones_like(zeros)], dim=1)
-        return cumulative[:, 1:] - cumulative[:, :-1]
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        eta = as_vector(input, "input")
-        mask, classes = _class_targets(target, self.num_classes)
-        if not bool(mask.any()):
-            return zero_with_graph(input, self.raw_cutpoints)
-        eta = eta[mask]
-        theta = self.cutpoints.to(eta.dtype)
-        top = self.num_classes - 1
-        # a = θ_y − η and b = θ_{y-1} − η; at the two end classes the missing cutpoint is replaced by a
-        # finite stand-in (b = a − 1, a = b + 1) so that the unused branch below stays finite and its
-        # zero gradient does not turn into NaN through torch.where.
-        a = theta[classes.clamp(max=top - 1)] - eta
-        b = theta[(classes - 1).clamp(min=0)] - eta
-        a = torch.where(classes == top, b + 1, a)
-        b = torch.where(classes == 0, a - 1, b)
-        # log(σ(a) − σ(b)) = a + log(1 − e^{b−a}) − softplus(a) − softplus(b): exact, no cancellation.
-        middle = a + torch.log(-torch.expm1(b - a)) - F.softplus(a) - F.softplus(b)
-        log_lik = torch.where(classes == 0, F.logsigmoid(a), torch.where(classes == top, F.logsigmoid(-b), middle))
-        return -log_lik.mean()

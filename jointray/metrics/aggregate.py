@@ -3,7 +3,8 @@
 Per-case metrics are dicts of (B,) columns (see :func:`jointray.metrics.segmentation_metrics`,
 :func:`jointray.metrics.volume_metrics`); ``pandas.DataFrame({k: v.cpu().numpy() ...})`` turns
 them into a per-case table. A NaN marks a value that does not exist for that case (e.g. a surface
-distance to an empty mask), so summaries leave it out and report how many cases were used.
+distance when both prediction and reference are empty; a miss has a worst-case distance instead, see
+:mod:`jointray.metrics.segmentation`), so summaries leave it out and report how many cases were used.
 """
 
 from __future__ import annotations

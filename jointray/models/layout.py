@@ -1,9 +1,9 @@
 """Memory layout of the 3D convolutions: channels-last (N, X, Y, Z, C in memory) or PyTorch's default.
 
-oneDNN's CPU kernels and cuDNN's tensor-core kernels both prefer channels-last for 3D convolution;
-for ``v2`` at 48×64×48 it made forward+backward 1.34× faster on this 2-core CPU (13.9 vs 10.4
-cases/s, batch 4). The model's weights and its image input are converted once each; the outputs
-keep whichever layout the kernels chose, which every consumer (losses, argmax, metrics) accepts.
+oneDNN's CPU kernels and cuDNN's tensor-core kernels both prefer channels-last for 3D convolution
+(measured speed-up: benchmarks/README.md). The model's weights and its image input are converted once
+each; the outputs keep whichever layout the kernels chose, which every consumer (losses, argmax,
+metrics) accepts.
 """
 
 from __future__ import annotations

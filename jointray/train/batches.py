@@ -14,10 +14,19 @@ from jointray.tasks import Targets
 
 @dataclass
 class ModelBatch:
+    """One batch on the model's device, with each case's prepared-grid geometry.
+
+    ``spacing`` (B, 3) float64 on the CPU, mm per array axis X, Y, Z: the column norms of each case's
+    affine (the voxel size along that axis, whatever the orientation); validation measures surface
+    distances with it, so they are in mm whether or not ``preprocess.target_spacing`` resampled.
+    ``voxel_volume`` (B,) float32 on the device, mm³: |det| of the affine (right for sheared grids too).
+    """
+
     image: torch.Tensor  # (B, C, X, Y, Z)
     clinical: ClinicalInput
     targets: Targets
     voxel_volume: torch.Tensor  # (B,) mm³ of the prepared grid
+    spacing: torch.Tensor  # (B, 3) mm per array axis of the prepared grid
     subject_ids: list[str]
 
     @property
@@ -37,6 +46,7 @@ def to_model_batch(batch: dict[str, np.ndarray], schema: ClinicalSchema, device:
 
     affine = np.asarray(batch["affine"], np.float64).reshape(size, 4, 4)
     voxel_volume = np.abs(np.linalg.det(affine[:, :3, :3]))
+    spacing = np.linalg.norm(affine[:, :3, :3], axis=1)  # (B, 3): norm of each column, one per array axis
     return ModelBatch(
         image=image_in_layout(torch.as_tensor(np.asarray(batch["image"], np.float32), device=device), channels_last),
         clinical=schema.encode(batch, size).to(device),
@@ -46,5 +56,6 @@ def to_model_batch(batch: dict[str, np.ndarray], schema: ClinicalSchema, device:
             mmse=floats("mmse"), cdr=floats("cdr"), time=floats("time"), event=floats("event"),
         ),
         voxel_volume=torch.as_tensor(voxel_volume, dtype=torch.float32, device=device),
+        spacing=torch.as_tensor(spacing, dtype=torch.float64),
         subject_ids=[str(s) for s in batch["subject_id"]],
     )

@@ -29,6 +29,7 @@ from ray.train.torch import TorchTrainer
 from jointray.artifacts import META_FILE, export_checkpoint
 from jointray.config import Config, ConfigError, config_from_tree
 from jointray.data.clinical import ClinicalSchema
+from jointray.data.provenance import check_shards_match
 from jointray.data.shards import CLINICAL_PREFIX, SHARDS_DIR, SPEC_FILE, read_spec
 from jointray.data.streaming import split_subjects, train_val_datasets
 from jointray.models import build_model
@@ -77,7 +78,10 @@ def plan_placement(cfg: Config) -> Placement:
 
 
 def _prepared_folder(cfg: Config) -> Path:
+    """The shards to train on, refused when they were prepared from another source (another folder,
+    changed case files, other clinical columns or labels) or with other preprocessing."""
     prepared = Path(cfg.train.prepared or cfg.data.output)
+    check_shards_match(prepared, cfg)
     if not (prepared / SPEC_FILE).is_file() or not (prepared / SHARDS_DIR).is_dir():
         raise ConfigError(f"no prepared shards at {prepared} (train.prepared, else data.output): run "
                           f"`jointray prepare` with this config first")

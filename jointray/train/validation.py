@@ -17,8 +17,21 @@ from jointray.train.batches import ModelBatch
 
 @torch.no_grad()
 def predict_cases(model: JointModel, batches: Iterable[ModelBatch], cross: float, structures: dict[int, str],
-                  spacing: tuple[float, float, float], autocast) -> list[dict[str, Any]]:
-    """One record per validation case: segmentation metrics and outcome predictions with their targets."""
+                  autocast) -> list[dict[str, Any]]:
+    """One record per validation case: segmentation metrics and outcome predictions with their targets.
+
+    Args:
+        model: the joint model (unwrapped from DDP); put in eval mode here.
+        batches: validation batches; each case's ``spacing`` (from its affine) puts HD95 in mm.
+        cross: the cross-task strength of the current curriculum phase.
+        structures: label → name of the structures to score.
+        autocast: a factory of the autocast context for the training precision.
+
+    Returns:
+        Rows for :func:`jointray.metrics.cohort.validation_metrics`: ``subject_id``, ``has_label``, the
+        targets, ``dice/``, ``iou/``, ``hd95/``, ``assd/`` and ``missed/<structure>`` where the batch has
+        a label, and ``pred_mmse``, ``pred_cdr``, ``pred_risk`` for the model's heads.
+    """
     model.eval()
     records = []
     for b in batches:
@@ -26,7 +39,7 @@ def predict_cases(model: JointModel, batches: Iterable[ModelBatch], cross: float
             out = model(b.image, b.clinical, cross, b.voxel_volume)
         per_case: dict[str, Any] = {}
         if out.seg is not None and bool(b.targets.has_label.any()):
-            seg = segmentation_metrics(out.seg[0].float().argmax(1).cpu(), b.targets.label.cpu(), structures, spacing)
+            seg = segmentation_metrics(out.seg[0].float().argmax(1).cpu(), b.targets.label.cpu(), structures, b.spacing)
             per_case |= {k: v.tolist() for k, v in seg.items()}
         for name in ("mmse", "risk"):
             if name in out.outcomes:

@@ -1,0 +1,110 @@
+"""Remote run storage behaves like local: a file:// URI, and S3 on a local S3-compatible server (moto)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from jointray.artifacts import read_checkpoint
+from jointray.config import load_config
+from jointray.data.prepare import prepare_dataset
+from jointray.train.trainer import run_training
+
+BASE = ["data.format=synthetic", "data.synthetic.n_subjects=12", "preprocess.target_shape=[48,48,48]",
+        "train.batch_size=4", "train.n_folds=4", "train.augment.enabled=false", "train.patience=null",
+        "model.channels=[8,16,32,64]"]
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("storage")
+    overrides = [*BASE, f"data.root={root / 'cohort'}", f"data.output={root / 'prepared'}"]
+    assert prepare_dataset(load_config(None, overrides)).prepared == 12
+    return overrides
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on a free loopback port, with one bucket; yields the storage URI's prefix."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.2)
+        options = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        fs, _ = pafs.FileSystem.from_uri(f"s3://key:secret@runs-bucket/x?{options}&allow_bucket_creation=true")
+        fs.create_dir("runs-bucket")
+        yield fs, f"s3://key:secret@runs-bucket/runs?{options}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _state(fs: pafs.FileSystem, path: str):
+    """A checkpoint folder on ``fs`` read through a local copy."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pafs.copy_files(path, tmp, source_filesystem=fs)
+        return read_checkpoint(Path(tmp))
+
+
+def _fresh_resume_and_best(prepared, storage_uri: str, fs: pafs.FileSystem, base: str, name: str):
+    """Run, rerun fresh under the same name (train.resume=false), then resume; check each against storage."""
+    first = run_training(load_config(None, [*prepared, f"train.storage_path={storage_uri}", f"train.name={name}",
+                                            "train.epochs=1"]), announce=lambda _: None)
+    first_weights = _state(fs, f"{base}/{name}/epoch_0000").state["model"]
+    # train.resume=false with another seed: a run of its own from epoch 0, not a continuation of the first.
+    fresh = run_training(load_config(None, [*prepared, f"train.storage_path={storage_uri}", f"train.name={name}",
+                                            "train.epochs=2", "train.seed=1"]), announce=lambda _: None)
+    # 9 training subjects in batches of 4: 3 steps an epoch.
+    assert (fresh.final_metrics["epoch"], fresh.final_metrics["step"]) == (1, 6)
+    own_weights = _state(fs, f"{base}/{name}/epoch_0000").state["model"]
+    assert not all(torch.equal(own_weights[k], first_weights[k]) for k in first_weights)
+    # The best checkpoint lives under the run on the storage itself, complete and verified.
+    best = _state(fs, f"{base}/{name}/best")
+    assert best.state["epoch"] in (0, 1) and best.config.train.seed == 1
+    # train.resume=true continues the second run where it stopped.
+    resumed = run_training(load_config(None, [*prepared, f"train.storage_path={storage_uri}", f"train.name={name}",
+                                              "train.epochs=3", "train.seed=1", "train.resume=true"]),
+                           announce=lambda _: None)
+    assert (resumed.final_metrics["epoch"], resumed.final_metrics["step"]) == (2, 9)
+    return first, fresh, resumed
+
+
+def test_file_uri_storage_starts_fresh_resumes_and_exports_best_there(prepared, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory's ./runs
+    storage = tmp_path / "storage"
+    _, fresh, _ = _fresh_resume_and_best(prepared, f"file://{storage}", pafs.LocalFileSystem(), str(storage), "f")
+    assert fresh.best_dir == storage / "f" / "best"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_s3_storage_starts_fresh_resumes_and_exports_best_there(prepared, s3_server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fs, uri = s3_server
+    _, fresh, _ = _fresh_resume_and_best(prepared, uri, fs, "runs-bucket/runs", "s")
+    assert fresh.best_dir == "s3://runs-bucket/runs/s/best"  # no credentials or options in what is shown
+    assert not (tmp_path / "runs").exists()
+
+
+def test_moto_server_is_installed():
+    # The S3 test needs moto's server; a missing one must fail here, not skip silently.
+    assert shutil.which("moto_server", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
