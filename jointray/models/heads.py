@@ -67,7 +67,7 @@ class OutcomeHeads(nn.Module):
         for name in self.names:
             features = self.trunk[name](h)
             with torch.autocast(h.device.type, enabled=False):
-                z = self.out[name](features.float())
+                z = self.out[name](features.to(self.out[name].weight.dtype))  # the weights' own fp32 (or fp64)
             if name == "mmse":
                 result[name] = MMSE_MAX * torch.sigmoid(z.squeeze(-1))
             elif name == "cdr":
