@@ -10,6 +10,7 @@ that names the key, the value given and what was expected.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -395,15 +396,38 @@ class Config(_Section):
         return self
 
 
+def _defaults_at(path: list[str]) -> Any:
+    """The default value at a dotted path as plain data: what an override indexes into when the YAML left
+    that list out (``train.curriculum.phases.1.seg=0.5`` on a config without phases)."""
+    node: Any = Config().model_dump(mode="json")
+    for part in path:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    node = tree
+    """Set ``key`` (dotted; a number indexes a list, e.g. ``train.curriculum.phases.1.seg``) in ``tree``."""
+    node: Any = tree
     parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
+    for depth, part in enumerate(parts):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:depth])} is a list of {len(node)}; "
+                                  f"index it with 0..{len(node) - 1}, not {part!r}")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {'.'.join(parts[:depth])!r} is a value, not a section")
+        if depth == len(parts) - 1:
+            node[part] = value
+        elif isinstance(node, dict) and part not in node:
+            try:  # a section the YAML left out: a list keeps its defaults, so one element can change
+                default = _defaults_at(parts[:depth + 1])
+            except (KeyError, IndexError, ValueError):
+                default = {}  # an unknown key: left for validation to name
+            node[part] = copy.deepcopy(default) if isinstance(default, list) else {}
+            node = node[part]
+        else:
+            node = node[part]
 
 
 def _parse_override(text: str) -> tuple[str, Any]:

@@ -58,3 +58,16 @@ def test_spec_digest_tracks_every_parameter():
     assert spec.digest() == PreprocessSpec().digest()
     assert spec.digest() != PreprocessSpec(target_shape=(48, 64, 40)).digest()
     assert spec.digest() != PreprocessSpec(intensity={"mode": "percentile"}).digest()
+
+
+def test_overrides_index_lists_such_as_curriculum_phases():
+    cfg = load_config(None, ["train.curriculum.phases.1.seg=0.5", "preprocess.target_shape.2=64"])
+    defaults = Config().train.curriculum.phases
+    assert cfg.train.curriculum.phases[1].seg == 0.5 and cfg.train.curriculum.phases[1].lr == defaults[1].lr
+    assert [p.model_dump() for i, p in enumerate(cfg.train.curriculum.phases) if i != 1] == \
+        [p.model_dump() for i, p in enumerate(defaults) if i != 1]
+    assert cfg.preprocess.target_shape == (48, 64, 64)
+    with pytest.raises(ConfigError, match=r"train.curriculum.phases is a list of 3; index it with 0..2, not '7'"):
+        load_config(None, ["train.curriculum.phases.7.seg=1"])
+    with pytest.raises(ConfigError, match=r"train.curriculum.phases.1.sag: unknown key"):
+        load_config(None, ["train.curriculum.phases.1.sag=1"])
