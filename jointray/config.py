@@ -10,7 +10,6 @@ that names the key, the value given and what was expected.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -420,11 +419,12 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
         if depth == len(parts) - 1:
             node[part] = value
         elif isinstance(node, dict) and part not in node:
-            try:  # a section the YAML left out: a list keeps its defaults, so one element can change
-                default = _defaults_at(parts[:depth + 1])
-            except (KeyError, IndexError, ValueError):
-                default = {}  # an unknown key: left for validation to name
-            node[part] = copy.deepcopy(default) if isinstance(default, list) else {}
+            node[part] = {}  # a section the YAML left out
+            if parts[depth + 1].isdigit():  # ... or a list, which keeps its defaults so one element can change
+                try:
+                    node[part] = _defaults_at(parts[:depth + 1])
+                except (KeyError, IndexError, ValueError):
+                    pass  # an unknown key: left for validation to name
             node = node[part]
         else:
             node = node[part]

@@ -86,3 +86,16 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
         for name, data in members.items():
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+def fail_switching_into(monkeypatch, target: Path) -> None:
+    """Make ``os.replace`` fail when it moves a new folder onto ``target`` (a full disk at the switch);
+    roll-backs of the ``.old-`` copy still work."""
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst) == str(target) and ".old-" not in str(src):
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)

