@@ -129,13 +129,70 @@ def train(
     # These take seconds to import (Ray, torch, MONAI): after the checks, so that a typo fails at once.
     from jointray.runtime import init_ray
     from jointray.train.progress import summary_table
-    from jointray.train.trainer import run_training
+    from jointray.train.trainer import TrainingDiverged, run_training
 
     init_ray(cfg.ray)
-    with _usage_errors():
+    with _usage_errors(TrainingDiverged):
         result = run_training(cfg, announce=console.print)
     console.print(summary_table(result.metrics, f"jointray train: {cfg.train.name} (best checkpoint)"))
     console.print(f"best checkpoint: {result.best_dir}")
+
+
+def _print_search(summary) -> None:
+    """The top trials, best first, and where the search's outputs are."""
+    table = summary.table
+    (first, mode), = list(summary.objectives.items())[:1]
+    ranked = table.assign(_failed=table["status"] != "COMPLETE").sort_values(
+        ["_failed", first], ascending=[True, mode == "min"], na_position="last")
+    params = [c for c in table.columns if c.startswith("param/")]
+    view = Table(title=f"jointray tune: {summary.folder.name} ({len(table)} trials, "
+                       f"{int((table['status'] == 'COMPLETE').sum())} complete)")
+    # Column heads: the key's last two parts (phases.2.cross, weights.mmse), which name it in a narrow terminal.
+    for column in ["trial", "status", *(".".join(p.removeprefix("param/").split(".")[-2:]) for p in params), *summary.objectives,
+                   "epochs", "min", "pareto"]:
+        view.add_column(column, justify="left" if column in ("trial", "status") else "right", overflow="fold")
+    for _, row in ranked.head(10).iterrows():
+        cells = [row["trial_id"], row["status"]]
+        cells += [f"{row[p]:.4g}" if isinstance(row[p], float) else str(row[p]) for p in params]
+        cells += [f"{row[k]:.4f}" if not math.isnan(row[k]) else "-" for k in summary.objectives]
+        cells += [f"{row['epochs']:.0f}" if not math.isnan(row["epochs"]) else "-",
+                  f"{row['time_s'] / 60:.1f}" if not math.isnan(row["time_s"]) else "-", "*" if row["pareto"] else ""]
+        view.add_row(*cells)
+    console.print(view)
+    for _, row in table[table["error"] != ""].iterrows():
+        console.print(f"[red]trial {row['trial_id']} failed:[/red] {row['error']}")
+    console.print(f"results: {summary.folder / 'results.csv'}")
+    if summary.plot is not None:
+        console.print(f"plot: {summary.plot}")
+    if summary.best_dir is not None:
+        console.print(f"best trial {summary.best_trial}: checkpoint {summary.best_dir}, config {summary.best_config}")
+    else:
+        console.print("[yellow]no trial completed: no best checkpoint[/yellow]")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def tune(
+    config: str = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " (with a tune section)"),
+    overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. tune.num_samples=8"),
+    resume: Path = typer.Option(None, "--resume", help="continue the search in this folder "
+                                "(runs/<tune.name>) with the config it started with"),
+) -> None:
+    """Search training hyperparameters with Ray Tune and Optuna; exports the best trial's checkpoint and config."""
+    if resume is not None and (config or overrides):
+        console.print("[red]error:[/red] --resume continues a search with the config it was started with: "
+                      "give no --config or overrides")
+        raise typer.Exit(2)
+    from jointray.tune.search import load_search, run_search  # Ray and torch: seconds to import
+
+    with _usage_errors():
+        cfg = load_search(resume) if resume is not None else load_config(config, overrides or [])
+        check_train(cfg)
+    from jointray.runtime import init_ray
+
+    init_ray(cfg.ray)
+    with _usage_errors():
+        summary = run_search(cfg, resume=resume is not None)
+    _print_search(summary)
 
 
 def _print_evaluation(report) -> None:

@@ -10,6 +10,8 @@ that names the key, the value given and what was expected.
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -131,6 +133,17 @@ class ModelConfig(_Section):
     heads: list[Literal["mmse", "cdr", "risk"]] = Field(default_factory=lambda: ["mmse", "cdr", "risk"])
     cdr_classes: int = Field(4, ge=2, description="ordinal CDR classes (stages 0, 0.5, 1, 2+)")
     use_image: bool = Field(True, description="outcome_only: false predicts from the clinical record alone")
+    # Component switches: null keeps the variant's own choice (jointray.models.joint.VARIANTS); true or false
+    # overrides it, so that an ablation can switch off one part of v2 at a time.
+    squeeze_excite: bool | None = Field(None, description="squeeze-and-excitation in the encoder; null: the variant's")
+    attention_gates: bool | None = Field(None, description="attention-gated decoder skips; null: the variant's")
+    clinical_fusion: bool | None = Field(
+        None, description="FiLM + cross-attention of the clinical record on the bottleneck; null: the variant's"
+    )
+    cross_task: bool | None = Field(
+        None, description="the segmentation <-> outcome paths (gates from h, structure pooling into h); null: the "
+        "variant's. Needs a variant with both segmentation and outcomes"
+    )
 
     @field_validator("channels")
     @classmethod
@@ -176,7 +189,7 @@ class PhaseConfig(_Section):
     seg: float = Field(ge=0, description="scale of the segmentation loss")
     outcome: float = Field(ge=0, description="scale of every outcome loss (mmse, cdr, risk)")
     cross: float = Field(ge=0, le=1, description="cross-task interaction strength, read by the model")
-    lr: float = Field(gt=0, description="peak learning rate of the phase")
+    lr_scale: float = Field(gt=0, description="the phase's peak learning rate as a multiple of train.lr")
 
     @model_validator(mode="after")
     def _trains_something(self) -> PhaseConfig:
@@ -188,17 +201,17 @@ class PhaseConfig(_Section):
 def _default_phases() -> list[PhaseConfig]:
     # DESIGN.md: segmentation first, outcomes and cross-task interaction phased in as it stabilises.
     return [
-        PhaseConfig(until=0.3, seg=0.8, outcome=0.2, cross=0.0, lr=1e-3),
-        PhaseConfig(until=0.6, seg=0.6, outcome=0.4, cross=0.3, lr=5e-4),
-        PhaseConfig(until=1.0, seg=0.5, outcome=0.5, cross=0.5, lr=2e-4),
+        PhaseConfig(until=0.3, seg=0.8, outcome=0.2, cross=0.0, lr_scale=1.0),
+        PhaseConfig(until=0.6, seg=0.6, outcome=0.4, cross=0.3, lr_scale=0.5),
+        PhaseConfig(until=1.0, seg=0.5, outcome=0.5, cross=0.5, lr_scale=0.2),
     ]
 
 
 class CurriculumConfig(_Section):
     """Training phases by progress (see :mod:`jointray.train.curriculum`).
 
-    Enabled, the phases' ``lr`` replaces ``train.lr``; disabled, training runs as one phase with every
-    task scale 1.0, cross 1.0 and ``train.lr``.
+    Enabled, each phase's peak learning rate is ``lr_scale × train.lr``; disabled, training runs as one
+    phase with every task scale 1.0, cross 1.0 and ``train.lr``.
     """
 
     enabled: bool = True
@@ -368,6 +381,102 @@ class ServeConfig(_Section):
         return self
 
 
+class SearchDimension(_Section):
+    """One searched config key: exactly one of the distributions below.
+
+    ``uniform``/``loguniform``: ``[low, high]`` floats; ``integer``: ``[low, high]``, both included;
+    ``choice``: the values to choose from (any YAML value, lists included); ``grid``: every value, in
+    every trial combination (the ``grid`` searcher only).
+    """
+
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    integer: tuple[int, int] | None = None
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SearchDimension:
+        given = [k for k in SearchDimension.model_fields if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"exactly one distribution of {list(SearchDimension.model_fields)}, not {given or 'none'}")
+        bounds = self.uniform or self.loguniform or self.integer
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"[low, high] with low < high, not {list(bounds)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform bounds > 0, not {list(self.loguniform)}")
+        if (self.choice is not None and not self.choice) or (self.grid is not None and not self.grid):
+            raise ValueError("at least one value")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in SearchDimension.model_fields if getattr(self, k) is not None)
+
+    def examples(self) -> list[Any]:
+        """Values a trial can receive, for checking the key before any trial runs: the bounds, or every value."""
+        if self.uniform or self.loguniform:
+            low, high = self.uniform or self.loguniform
+            return [low, high]
+        if self.integer:
+            return list(self.integer)
+        return list(self.choice if self.choice is not None else self.grid)
+
+
+class TuneConfig(_Section):
+    """A hyperparameter search over this config with Ray Tune (see :mod:`jointray.tune`)."""
+
+    name: str = Field("tune", pattern=r"^[A-Za-z0-9_.-]+$", description="search folder name under storage_path")
+    storage_path: str = Field("runs", description="local folder for the search (trials, study, results)")
+    searcher: Literal["optuna", "grid"] = Field(
+        "optuna", description="optuna: TPE (multi-objective TPE with several objectives); grid: every combination "
+        "of the grid dimensions, num_samples times"
+    )
+    num_samples: int = Field(8, ge=1, description="optuna: trials; grid: repeats of the whole grid")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="trials at once; null: as many as the CPUs (or GPUs) hold, at train.workers each"
+    )
+    objectives: dict[str, Literal["max", "min"]] = Field(
+        default_factory=lambda: {"val/score": "max"},
+        description="metric -> max | min; one objective: TPE, with ASHA if scheduler=asha; several: a Pareto front",
+    )
+    scheduler: Literal["asha", "none"] = Field(
+        "none", description="asha: stop poor trials early (one objective only: a stopped trial would enter a "
+        "Pareto front with partly trained values)"
+    )
+    grace_epochs: int = Field(2, ge=1, description="asha: epochs every trial runs before it can be stopped")
+    reduction_factor: int = Field(3, ge=2, description="asha: keep the best 1/reduction_factor at each rung")
+    seed: int = Field(0, ge=0, description="the sampler's seed")
+    trial_cpus: float | None = Field(
+        None, gt=0, description="CPUs per trial for its trainer's workers and data; null: the cluster's CPUs "
+        "shared equally by the concurrent trials"
+    )
+    driver_cpus: float = Field(0.01, gt=0, description="CPUs held by each trial's driver (it only waits on Ray Train)")
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list, description="optuna: configurations tried first (e.g. the hand-set one), keyed "
+        "like space"
+    )
+    space: dict[str, SearchDimension] = Field(
+        default_factory=dict, description="config key (dotted, as an override) -> distribution"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TuneConfig:
+        if self.scheduler == "asha" and len(self.objectives) != 1:
+            raise ValueError(f"scheduler=asha takes one objective, not {list(self.objectives)}: set scheduler: none "
+                             f"for a multi-objective search")
+        grid = sorted(k for k, d in self.space.items() if d.kind == "grid")
+        if self.searcher == "optuna" and grid:
+            raise ValueError(f"grid dimensions {grid} need searcher: grid (Optuna samples; use choice)")
+        if self.searcher == "grid" and len(grid) != len(self.space):
+            raise ValueError(f"searcher: grid takes grid dimensions only, not {sorted(set(self.space) - set(grid))}")
+        for point in self.points_to_evaluate:
+            if set(point) != set(self.space):
+                raise ValueError(f"each of points_to_evaluate gives every space key: {sorted(self.space)}; "
+                                 f"{sorted(point)} differs")
+        return self
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="None starts a local instance unless RAY_ADDRESS is set")
     num_cpus: int | None = Field(None, ge=1, description="for a local instance only")
@@ -382,6 +491,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     inference: InferenceConfig = InferenceConfig()
     serve: ServeConfig = ServeConfig()
+    tune: TuneConfig = TuneConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
@@ -393,6 +503,38 @@ class Config(_Section):
                 f"(2 ** len(model.channels)={len(self.model.channels)}): the encoder halves the grid at every level"
             )
         return self
+
+
+def check_search_space(cfg: Config) -> None:
+    """Every key of ``tune.space`` (and of ``tune.points_to_evaluate``) must be a config key that takes each
+    value the search can give it, so that a misspelt key fails before any trial starts, naming the key.
+
+    Raises:
+        ConfigError: the first dimension and value the config refuses, with the config's own message.
+    """
+    base = cfg.model_dump(mode="json", exclude={"tune"})
+    trials = [(key, value) for key, dim in cfg.tune.space.items() for value in dim.examples()]
+    trials += [(key, value) for point in cfg.tune.points_to_evaluate for key, value in point.items()]
+    for key, value in trials:
+        try:
+            config_from_tree(copy.deepcopy(base), [override_text(key, value)])
+        except ConfigError as exc:
+            raise ConfigError(f"tune.space.{key} = {value!r} makes an invalid trial: {exc}") from None
+
+
+def override_text(key: str, value: Any) -> str:
+    """``key=value`` for :func:`config_from_tree`: the value as JSON, which YAML reads back unchanged."""
+    return f"{key}={json.dumps(value)}"
+
+
+def variant_check(cfg: Config) -> None:
+    """The model's component switches must suit its variant (``model.cross_task`` needs both branches)."""
+    from jointray.models.joint import variant_spec  # the model imports this module
+
+    try:
+        variant_spec(cfg.model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _defaults_at(path: list[str]) -> Any:
@@ -455,26 +597,47 @@ def _describe(errors: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: sections merge key by key; any other value (lists included) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_tree(path: str | Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's sections, with its ``extends`` (a file beside it, or a built-in config by name)
+    read first and this file merged on top."""
+    found = builtin_configs.find(path)
+    if found is None:
+        raise ConfigError(f"config {path} does not exist: not a file, nor a built-in config "
+                          f"(built-in: {', '.join(builtin_configs.names())})")
+    if found.resolve() in chain:
+        raise ConfigError(f"config {found} extends itself: {' -> '.join(str(p) for p in (*chain, found.resolve()))}")
+    try:
+        tree = yaml.safe_load(found.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {found} is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {found}: expected a mapping of sections at the top level")
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    beside = found.parent / str(parent)
+    base = _read_tree(beside if beside.is_file() else parent, (*chain, found.resolve()))
+    return _merged(base, tree)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML file, or a built-in config by name (``synthetic``, ``msd_hippocampus``: see
     :mod:`jointray.builtin_configs`), or the defaults when ``path`` is None, and apply dotted overrides.
 
-    A file at ``path`` wins over a built-in of the same name. Relative paths in the ``data`` section stay
-    relative to the working directory, the way a user types them on the command line.
+    A file at ``path`` wins over a built-in of the same name. A file may start from another with
+    ``extends: <file or built-in name>``: its sections are merged over that one's (``tune_synthetic.yaml``
+    adds a search to ``synthetic.yaml``). Relative paths in the ``data`` section stay relative to the
+    working directory, the way a user types them on the command line.
     """
-    tree: dict[str, Any] = {}
-    if path is not None:
-        found = builtin_configs.find(path)
-        if found is None:
-            raise ConfigError(f"config {path} does not exist: not a file, nor a built-in config "
-                              f"(built-in: {', '.join(builtin_configs.names())})")
-        path = found
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    tree = _read_tree(path) if path is not None else {}
     return config_from_tree(tree, overrides)
 
 
@@ -483,6 +646,10 @@ def config_from_tree(tree: dict[str, Any], overrides: list[str] | tuple[str, ...
     for text in overrides:
         _set_dotted(tree, *_parse_override(text))
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    variant_check(cfg)
+    if cfg.tune.space:
+        check_search_space(cfg)
+    return cfg

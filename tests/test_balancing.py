@@ -347,14 +347,12 @@ def test_balancer_config_ranges():
     ("progress", "index"), [(0.0, 0), (0.29, 0), (0.3, 1), (0.59, 1), (0.6, 2), (0.99, 2), (1.0, 2)]
 )
 def test_curriculum_phase_boundaries(progress, index):
-    curriculum = Curriculum(load_config(None).train.curriculum, lr=1e-3)
+    """Phase rates are multiples of train.lr (1, 0.5, 0.2 by default), so train.lr=2e-3 doubles each."""
+    curriculum = Curriculum(load_config(None).train.curriculum, lr=2e-3)
     phase = curriculum.at(progress)
     assert phase.index == index
-    assert (phase.seg, phase.outcome, phase.cross, phase.lr) == [
-        (0.8, 0.2, 0.0, 1e-3),
-        (0.6, 0.4, 0.3, 5e-4),
-        (0.5, 0.5, 0.5, 2e-4),
-    ][index]
+    assert (phase.seg, phase.outcome, phase.cross) == [(0.8, 0.2, 0.0), (0.6, 0.4, 0.3), (0.5, 0.5, 0.5)][index]
+    assert phase.lr == pytest.approx([2e-3, 1e-3, 4e-4][index], rel=1e-15)
     assert phase.task_scale("seg") == phase.seg
     assert phase.task_scale("risk") == phase.task_scale("mmse") == phase.outcome
 
@@ -378,7 +376,7 @@ def test_disabled_curriculum_is_one_full_phase_at_train_lr():
 
 
 def _phases(*specs):
-    rows = ", ".join(f"{{until: {u}, seg: {s}, outcome: {o}, cross: {c}, lr: 0.001}}" for u, s, o, c in specs)
+    rows = ", ".join(f"{{until: {u}, seg: {s}, outcome: {o}, cross: {c}, lr_scale: 1.0}}" for u, s, o, c in specs)
     return f"train.curriculum.phases=[{rows}]"
 
 

@@ -63,7 +63,7 @@ def test_spec_digest_tracks_every_parameter():
 def test_overrides_index_lists_such_as_curriculum_phases():
     cfg = load_config(None, ["train.curriculum.phases.1.seg=0.5", "preprocess.target_shape.2=64"])
     defaults = Config().train.curriculum.phases
-    assert cfg.train.curriculum.phases[1].seg == 0.5 and cfg.train.curriculum.phases[1].lr == defaults[1].lr
+    assert cfg.train.curriculum.phases[1].seg == 0.5 and cfg.train.curriculum.phases[1].lr_scale == defaults[1].lr_scale
     assert [p.model_dump() for i, p in enumerate(cfg.train.curriculum.phases) if i != 1] == \
         [p.model_dump() for i, p in enumerate(defaults) if i != 1]
     assert cfg.preprocess.target_shape == (48, 64, 64)

@@ -30,6 +30,19 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
+def validation_keys(structures: dict[int, str], segmentation: bool, heads: list[str]) -> list[str]:
+    """Every key :func:`validation_metrics` can return for a model with these outputs, so that a caller
+    can report each of them at every validation (NaN where this validation could not define it: a
+    search that compares trials, or stops them early, must never meet a missing metric)."""
+    keys = ["val/cases"]
+    if segmentation:
+        keys += [f"val/{m}/{name}" for name in structures.values() for m in ("dice", "hd95", "missed")]
+        keys += ["val/dice", "val/missed"]
+    per_head = {"mmse": ["mmse_mae", "mmse_rmse", "mmse_r2", "mmse_pearson"],
+                "cdr": ["cdr_accuracy", "cdr_macro_f1", "cdr_qwk"], "risk": ["c_index"]}
+    return keys + [f"val/{m}" for head in heads for m in per_head[head]]
+
+
 def validation_metrics(records: list[dict[str, Any]], structures: dict[int, str], cdr_classes: int) -> dict[str, float]:
     """Metrics over all validation cases (records from every worker), each where its inputs exist.
 

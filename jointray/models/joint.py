@@ -22,7 +22,7 @@ Data flow (v2)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -61,10 +61,30 @@ VARIANTS = {
 }
 
 
+SWITCHES = ("squeeze_excite", "attention_gates", "clinical_fusion", "cross_task")
+
+
+def variant_spec(cfg: ModelConfig) -> VariantSpec:
+    """The variant's parts, with the config's component switches (``model.attention_gates`` ...) applied.
+
+    Raises:
+        ValueError: a switch that the variant cannot have (cross-task paths without both segmentation
+            and outcomes, attention gates without a decoder).
+    """
+    base = VARIANTS[cfg.variant]
+    spec = replace(base, **{k: getattr(cfg, k) for k in SWITCHES if getattr(cfg, k) is not None})
+    if spec.cross_task and not (spec.segmentation and spec.outcomes):
+        raise ValueError(f"model.cross_task=true needs segmentation and outcomes; variant {cfg.variant} has "
+                         f"{'segmentation' if spec.segmentation else 'outcomes'} only")
+    if spec.attention_gates and not spec.segmentation:
+        raise ValueError(f"model.attention_gates=true needs a decoder; variant {cfg.variant} has none")
+    return spec
+
+
 class JointModel(nn.Module):
     def __init__(self, cfg: ModelConfig, in_channels: int = 1, schema: ClinicalSchema | None = None):
         super().__init__()
-        spec = VARIANTS[cfg.variant]
+        spec = variant_spec(cfg)
         if spec.dual_view and in_channels < 2:
             raise ValueError(f"variant 'dv' needs two views/modalities (preprocess.channels >= 2), got {in_channels}")
         self.spec, self.cfg = spec, cfg

@@ -4,19 +4,20 @@ Progress is ``p = epoch / epochs`` in [0, 1); the phase in force is the first wh
 ``p``. The default phases (DESIGN.md) train segmentation first and phase in the outcomes and the
 cross-task interaction once the segmentation is worth conditioning on:
 
-=========  ====  =======  =====  ====
-progress   seg   outcome  cross  lr
-=========  ====  =======  =====  ====
-p < 0.3    0.8   0.2      0.0    1e-3
-p < 0.6    0.6   0.4      0.3    5e-4
-p < 1.0    0.5   0.5      0.5    2e-4
-=========  ====  =======  =====  ====
+=========  ====  =======  =====  ========
+progress   seg   outcome  cross  lr_scale
+=========  ====  =======  =====  ========
+p < 0.3    0.8   0.2      0.0    1.0
+p < 0.6    0.6   0.4      0.3    0.5
+p < 1.0    0.5   0.5      0.5    0.2
+=========  ====  =======  =====  ========
 
 - ``seg`` scales the segmentation loss, ``outcome`` each outcome loss (mmse, cdr, risk).
 - ``cross`` is read by the model: the strength (0..1) of the segmentation → outcome and outcome →
   segmentation interaction; 0 leaves the heads independent.
-- ``lr`` is the phase's peak learning rate, for the trainer's schedule; with the curriculum enabled it
-  replaces ``train.lr``.
+- ``lr_scale`` sets the phase's peak learning rate, ``lr = lr_scale × train.lr``, for the trainer's
+  schedule (with ``train.lr = 1e-3``: 1e-3, 5e-4, 2e-4). A search over ``train.lr`` thus moves every
+  phase's rate together and a search over a phase's ``lr_scale`` reshapes the steps.
 
 **With a balancer**, the phase's scales are passed as the balancer's external ``scales``::
 
@@ -80,17 +81,18 @@ class Curriculum:
 
     Args:
         cfg: ``train.curriculum`` (its phases are validated: ``until`` strictly increasing up to 1.0).
-        lr: ``train.lr``, the learning rate of the single phase when the curriculum is disabled.
+        lr: ``train.lr``: the phases' rates are multiples of it, and the single phase's rate when the
+            curriculum is disabled.
 
     Attributes:
         phases: the :class:`Phase` s in order, covering [0, 1).
     """
 
     def __init__(self, cfg: CurriculumConfig, lr: float):
-        specs = cfg.phases if cfg.enabled else [PhaseConfig(until=1.0, seg=1.0, outcome=1.0, cross=1.0, lr=lr)]
+        specs = cfg.phases if cfg.enabled else [PhaseConfig(until=1.0, seg=1.0, outcome=1.0, cross=1.0, lr_scale=1.0)]
         starts = [0.0] + [spec.until for spec in specs[:-1]]
         self.phases = tuple(
-            Phase(index, start, spec.until, spec.seg, spec.outcome, spec.cross, spec.lr)
+            Phase(index, start, spec.until, spec.seg, spec.outcome, spec.cross, spec.lr_scale * lr)
             for index, (start, spec) in enumerate(zip(starts, specs))
         )
 

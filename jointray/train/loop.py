@@ -36,7 +36,7 @@ from jointray.data.augment import AUGMENT, RESTART, SHUFFLE, Augmenter, stream_s
 from jointray.data.clinical import ClinicalSchema
 from jointray.data.spec import PreprocessSpec
 from jointray.losses.joint import JointLoss
-from jointray.metrics.cohort import validation_metrics
+from jointray.metrics.cohort import validation_keys, validation_metrics
 from jointray.models import build_model
 from jointray.models.joint import JointModel
 from jointray.models.layout import to_layout
@@ -64,6 +64,11 @@ def training_progress(step: int, total_steps: int, warmup_steps: int, elapsed_s:
     time-limited run still anneals its learning rate and walks through every curriculum phase."""
     by_steps = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min(1.0, max(by_steps, elapsed_s / budget_s))
+
+
+def threads_for(cpus: float) -> int:
+    """Torch threads for a worker that holds ``cpus`` CPUs: as many, rounded up (1.5 → 2, 0.5 → 1)."""
+    return max(1, math.ceil(cpus - 1e-9))
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -147,6 +152,7 @@ class JointTrainer:
         self.steps_per_epoch: int = loop_config["steps_per_epoch"]
         self.epoch, self.step, self.best, self.stale, self.elapsed_before = 0, 0, -math.inf, 0, 0.0
         self.stop = False
+        self.resumed_from = -1  # the epoch of the checkpoint this attempt started from; -1: from scratch
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -156,19 +162,26 @@ class JointTrainer:
         while self.epoch < train.epochs and not self.stop:
             phase = self.curriculum.at(self.progress(self.epoch * self.steps_per_epoch, warmup=0))
             losses, cases, seconds = self.train_epoch(phase)
-            metrics = self.validate(phase) | self.replicas_in_sync()
+            # A non-finite loss on any rank ends the run after this epoch (the driver reports it as an
+            # error): its weights are garbage, and predicting with them proves nothing.
+            diverged = self.comms.max(float(not all(math.isfinite(v) for v in losses.values()))) > 0
+            self.stop = self.stop or diverged
+            metrics = (self.unvalidated() if diverged else self.validate(phase)) | self.replicas_in_sync()
+            metrics["diverged"] = float(diverged)
             score = combined_score(metrics, train.score)
             improved = not math.isnan(score) and score > self.best
             self.best, self.stale = (score, 0) if improved else (self.best, self.stale + 1)
             self.stop = self.stop or (train.patience is not None and self.stale >= train.patience)
             elapsed = time.perf_counter() - self.started
-            metrics |= {f"train/{k}": v for k, v in losses.items()}
+            metrics |= {f"train/{k}": losses.get(k, math.nan) for k in self.tasks}
             metrics |= {f"weight/{k}": v for k, v in self.balancer.weights().items()}
             metrics |= {
                 "epoch": self.epoch, "step": self.step, "nodes": self.nodes, "val/score": score,
                 "lr": self.optimizer.param_groups[0]["lr"], "cross": phase.cross, "elapsed_s": elapsed,
                 "cases_per_s": self.comms.world * cases / max(seconds, 1e-9), "stopped": float(self.stop),
                 "eta_s": elapsed / (self.epoch + 1) * (train.epochs - self.epoch - 1),
+                "worker/cpus": self.cpus, "worker/threads": torch.get_num_threads(),
+                "resumed_from_epoch": self.resumed_from,
             }
             self.save_checkpoint(metrics)
             self.epoch += 1
@@ -183,7 +196,10 @@ class JointTrainer:
         context = ray.train.get_context()
         self.comms = Comms(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
         rank, device = self.comms.rank, self.comms.device
-        torch.set_num_threads(lc["threads"])
+        # Threads from the CPUs Ray gave this worker, not from the machine: concurrent runs (a search's
+        # trials) each hold their share, and more threads than that would oversubscribe the cores.
+        self.cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+        torch.set_num_threads(lc["threads"] or threads_for(self.cpus))
         torch.manual_seed(cfg.train.seed + rank)
         np.random.seed(cfg.train.seed + rank)
         random.seed(cfg.train.seed + rank)
@@ -248,8 +264,12 @@ class JointTrainer:
         # DDP averages gradients, not buffers: each rank's last forward updated its own BatchNorm running
         # statistics (the attention gates'). Every rank validates, and rank 0 saves, rank 0's.
         self.comms.broadcast_buffers(self.unwrapped)
-        losses = self.comms.mean({k: sums[k] / counts[k] for k in sums})
-        self.balancer.epoch_end({k: v for k, v in losses.items() if not math.isnan(v)})
+        # Each rank's own means: a rank whose loss turned non-finite must not be averaged away.
+        mine = {k: sums[k] / counts[k] for k in sums}
+        losses = self.comms.mean(mine)
+        if not all(math.isfinite(v) for v in mine.values()):
+            losses = {k: math.nan for k in losses}
+        self.balancer.epoch_end({k: v for k, v in losses.items() if math.isfinite(v)})
         return losses, cases, seconds
 
     def train_step(self, batch: ModelBatch, phase: Phase) -> dict[str, float]:
@@ -294,7 +314,12 @@ class JointTrainer:
 
         records = predict_cases(self.unwrapped, mine(), phase.cross, self.structures, self.autocast)
         records = [r for part in comms.gather(records) for r in part]
-        return validation_metrics(records, self.structures, self.cfg.model.cdr_classes)
+        return self.unvalidated() | validation_metrics(records, self.structures, self.cfg.model.cdr_classes)
+
+    def unvalidated(self) -> dict[str, float]:
+        """Every validation metric as NaN: what a diverged epoch reports."""
+        heads = [h for h in self.tasks if h != "seg"]
+        return dict.fromkeys(validation_keys(self.structures, "seg" in self.tasks, heads), math.nan)
 
     def save_checkpoint(self, metrics: dict[str, float]) -> None:
         """Report this epoch's metrics; rank 0 adds the checkpoint, which holds every rank's generators."""
@@ -330,6 +355,7 @@ class JointTrainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best, self.stale = state["epoch"] + 1, state["step"], state["best"], state["stale"]
+        self.resumed_from = state["epoch"]
         self.elapsed_before = state["elapsed_s"]
         rngs = state["rng"]
         if len(rngs) == self.comms.world:

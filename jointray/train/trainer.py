@@ -31,12 +31,16 @@ from jointray.config import Config, ConfigError, config_from_tree
 from jointray.data.clinical import ClinicalSchema
 from jointray.data.provenance import check_shards_match
 from jointray.data.shards import CLINICAL_PREFIX, SHARDS_DIR, SPEC_FILE, read_spec
-from jointray.data.streaming import split_subjects, train_val_datasets
+from jointray.data.streaming import DATA_TASK_CPUS, split_subjects, train_val_datasets
 from jointray.models import build_model
-from jointray.train.loop import train_loop_per_worker
+from jointray.train.loop import threads_for, train_loop_per_worker
 
 BEST_DIR = "best"
 FAULT_MARKER = ".fault_injected"
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite (typically a learning rate too high for the model)."""
 
 
 @dataclass
@@ -54,30 +58,42 @@ class Placement:
     threads_per_worker: int
 
 
-def plan_placement(cfg: Config) -> Placement:
-    """Workers, CPUs and GPUs for this cluster, or a :class:`ConfigError` if it can never be scheduled
-    (Ray would otherwise wait forever for resources that do not exist)."""
+def plan_placement(cfg: Config, cpus: float | None = None) -> Placement:
+    """Workers, CPUs and GPUs of one run, or a :class:`ConfigError` if it can never be scheduled (Ray
+    would otherwise wait forever for resources that do not exist).
+
+    Args:
+        cfg: the run's config (``train.workers``, ``train.cpus_per_worker``, ``train.use_gpu``...).
+        cpus: the CPUs this run may take; None: the whole cluster's (a search passes each trial's share,
+            so that concurrent trials do not oversubscribe the machine).
+
+    Unless ``train.cpus_per_worker`` says otherwise, the workers share the run's CPUs less what one
+    Ray Data task needs (:data:`~jointray.data.streaming.DATA_TASK_CPUS`, left free on one node, or the
+    data tasks that feed the workers would wait forever), and no worker asks for more than a node has.
+    Each worker runs as many torch threads as it holds CPUs, rounded up (``train.threads_per_worker``
+    overrides); the worker reads them from the resources Ray gave it.
+    """
     resources = ray.cluster_resources()
-    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    total, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    pool = total if cpus is None else min(cpus, total)
     workers = cfg.train.workers
-    if workers > cpus:
-        raise ConfigError(f"train.workers={workers} is more than the {cpus:g} CPUs of this Ray cluster; "
-                          f"set train.workers to at most {int(cpus)} or add nodes")
+    if workers > total:
+        raise ConfigError(f"train.workers={workers} is more than the {total:g} CPUs of this Ray cluster; "
+                          f"set train.workers to at most {int(total)} or add nodes")
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else gpus >= workers
     if use_gpu and gpus < workers:
         raise ConfigError(f"train.use_gpu=true with train.workers={workers} needs {workers} GPUs; the cluster has "
                           f"{gpus:g}")
-    # Leave one CPU for the Ray Data pipeline, or the workers can hold every CPU while the data tasks
-    # that feed them wait forever.
-    per_worker = cfg.train.cpus_per_worker or (1.0 if cpus >= workers + 1 else (cpus - 1) / workers)
-    if per_worker <= 0 or per_worker * workers > cpus:
-        raise ConfigError(f"train.cpus_per_worker={per_worker:g} × {workers} workers does not fit the cluster's "
-                          f"{cpus:g} CPUs")
-    threads = cfg.train.threads_per_worker or max(1, int(cpus // workers))
+    largest_node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=total)
+    per_worker = cfg.train.cpus_per_worker or min((pool - DATA_TASK_CPUS) / workers, largest_node - DATA_TASK_CPUS)
+    if per_worker <= 0 or per_worker * workers > pool:
+        raise ConfigError(f"train.cpus_per_worker={per_worker:g} × {workers} workers does not fit the "
+                          f"{pool:g} CPUs this run may use")
+    threads = cfg.train.threads_per_worker or threads_for(per_worker)
     return Placement(use_gpu=bool(use_gpu), cpus_per_worker=per_worker, threads_per_worker=threads)
 
 
-def _prepared_folder(cfg: Config) -> Path:
+def prepared_folder(cfg: Config) -> Path:
     """The shards to train on, refused when they were prepared from another source (another folder,
     changed case files, other clinical columns or labels) or with other preprocessing."""
     prepared = Path(cfg.train.prepared or cfg.data.output)
@@ -184,11 +200,25 @@ def _mlflow_uri(cfg: Config, run_dir: Path, local: bool) -> str | None:
     return f"sqlite:///{run_dir / 'mlflow.db'}"
 
 
-def run_training(cfg: Config, announce=print) -> TrainResult:
-    """Train ``cfg`` on the connected Ray cluster (``ray.init`` done by the caller)."""
-    prepared = _prepared_folder(cfg)
+def run_training(cfg: Config, announce=print, cpus: float | None = None,
+                 callbacks: list[ray.train.UserCallback] | tuple = ()) -> TrainResult:
+    """Train ``cfg`` on the connected Ray cluster (``ray.init`` done by the caller).
+
+    A function of its arguments alone: everything the run writes (checkpoints, TensorBoard, the MLflow
+    database, the fault-injection marker) and everything it may delete (a previous run of the same
+    name, with ``train.resume=false``) lies in its run folder, ``<train.storage_path>/<train.name>``;
+    MLflow's run is named ``train.name``. Runs with distinct names therefore never collide, which is
+    what lets a search run its trials side by side (:mod:`jointray.tune`).
+
+    Args:
+        cfg: the whole configuration.
+        announce: where the one-line summary of the plan goes (``print``; a search passes its logger).
+        cpus: the CPUs this run may take (:func:`plan_placement`); None: the whole cluster's.
+        callbacks: Ray Train callbacks, e.g. Tune's report bridge.
+    """
+    prepared = prepared_folder(cfg)
     spec = read_spec(prepared)
-    placement = plan_placement(cfg)
+    placement = plan_placement(cfg, cpus)
     try:  # a variant that cannot take this data fails here, not on a worker
         build_model(cfg.model, spec.channels)
     except ValueError as exc:
@@ -214,7 +244,7 @@ def run_training(cfg: Config, announce=print) -> TrainResult:
         train_loop_config={
             "config": cfg.model_dump_json(), "spec": spec.model_dump_json(), "schema": schema.model_dump_json(),
             "trained_heads": heads_with_targets(prepared, train_ids, cfg.model.heads),
-            "steps_per_epoch": steps_per_epoch, "threads": placement.threads_per_worker,
+            "steps_per_epoch": steps_per_epoch, "threads": cfg.train.threads_per_worker,
             "fault_marker": str(Path(run_path, FAULT_MARKER)) if local else None,
             "tensorboard_dir": str(Path(run_path, "tensorboard")) if local else None,
             "mlflow_uri": _mlflow_uri(cfg, Path(run_path), local),
@@ -230,6 +260,7 @@ def run_training(cfg: Config, announce=print) -> TrainResult:
                 checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level=cfg.train.log_level),
+            callbacks=list(callbacks),
         ),
         datasets={"train": train_ds, "val": val_ds},
         # Training data is split equally (DDP needs the same number of steps on every rank);
@@ -243,6 +274,12 @@ def run_training(cfg: Config, announce=print) -> TrainResult:
              f"{placement.threads_per_worker} thread(s) each): {len(train_ids)} training, {len(val_ids)} "
              f"validation subjects, {steps_per_epoch} steps per epoch")
     result = trainer.fit()
+    last = result.metrics or {}
+    if last.get("diverged"):
+        losses = ", ".join(f"{k.removeprefix('train/')} {v:g}" for k, v in sorted(last.items()) if k.startswith("train/"))
+        advice = f"lower train.lr (now {cfg.train.lr:g})" + ("" if cfg.train.grad_clip else " or set train.grad_clip")
+        raise TrainingDiverged(f"{run_dir}: the training loss became non-finite in epoch {int(last['epoch']) + 1} "
+                               f"({losses}) at learning rate {last['lr']:.3g}; {advice}")
     scored = [(c, m) for c, m in result.best_checkpoints if not math.isnan(m.get("val/score", math.nan))]
     if not scored:
         scored = result.best_checkpoints[-1:]
