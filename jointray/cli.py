@@ -22,7 +22,7 @@ from rich.table import Table
 
 import jointray
 from jointray import builtin_configs
-from jointray.config import Config, ConfigError, load_config
+from jointray.config import Config, ConfigError, load_config, override_text
 from jointray.preflight import check_checkpoint, check_evaluate, check_prepare, check_train
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
@@ -372,11 +372,17 @@ def demo(
     overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. train.epochs=3"),
     held_out: int = typer.Option(16, "--held-out", min=1, help="held-out synthetic subjects to evaluate on"),
 ) -> None:
-    """The whole path on the synthetic cohort: prepare → train → evaluate on held-out subjects → serve over HTTP."""
+    """The whole path on the synthetic cohort: prepare → train → evaluate on held-out subjects → serve over HTTP
+    → a small hyperparameter search that exports its best checkpoint."""
     cfg = _config(config, overrides)
     if cfg.data.format != "synthetic":
         console.print("[red]error:[/red] the demo runs on the synthetic cohort (data.format=synthetic)")
         raise typer.Exit(2)
+    # The search: the config's own tune section, else tune_synthetic's search (and its one worker, few
+    # epochs per trial) over the demo's data.
+    search_cfg = cfg if cfg.tune.space else _config("tune_synthetic", [
+        *(overrides or []), override_text("data", cfg.model_dump(mode="json")["data"]),
+        override_text("tune.storage_path", cfg.train.storage_path)])
     # These take seconds to import (Ray, torch, MONAI): after the check, so that a wrong config fails at once.
     from jointray.data.prepare import prepare_dataset
     from jointray.data.synthetic import generate_cohort
@@ -385,22 +391,28 @@ def demo(
     from jointray.train.progress import summary_table
     from jointray.train.trainer import run_training
 
+    from jointray.tune.search import remove_search, run_search, search_folder
+
     init_ray(cfg.ray)
-    console.rule("1/4 prepare")
+    console.rule("1/5 prepare")
     report = prepare_dataset(cfg)
     _print_prepare_report(report)
-    console.rule("2/4 train")
+    console.rule("2/5 train")
     with _usage_errors():
         result = run_training(cfg, announce=console.print)
     console.print(summary_table(result.metrics, f"jointray train: {cfg.train.name} (best checkpoint)"))
-    console.rule("3/4 evaluate on held-out subjects")
+    console.rule("3/5 evaluate on held-out subjects")
     s = cfg.data.synthetic
     held_out_root = Path(f"{cfg.data.root}_held_out")
     generate_cohort(held_out_root, held_out, s.seed + 1, tuple(s.shape), tuple(s.spacing))  # unseen seed
     evaluation = run_evaluation(result.best_dir, held_out_root / "manifest.csv", result.run_dir / "evaluation")
     _print_evaluation(evaluation)
-    console.rule("4/4 serve the best checkpoint and predict over HTTP")
+    console.rule("4/5 serve the best checkpoint and predict over HTTP")
     _demo_serving(result.best_dir, held_out_root / "manifest.csv", result.run_dir / "served")
+    console.rule(f"5/5 search: {search_cfg.tune.num_samples} short trials with Ray Tune + Optuna")
+    remove_search(search_folder(search_cfg))  # the demo's own search, from its previous run
+    with _usage_errors():
+        _print_search(run_search(search_cfg))
     console.print(f"[bold]best checkpoint:[/bold] {result.best_dir}")
 
 

@@ -66,7 +66,7 @@ def test_a_config_extends_another_and_phase_learning_rates_follow_train_lr(tmp_p
     """tune_synthetic.yaml is synthetic.yaml plus a search; a phase's rate is lr_scale × train.lr."""
     tuned, plain = load_config("tune_synthetic"), load_config("synthetic")
     assert tuned.data == plain.data and tuned.model == plain.model and tuned.train.balancer == plain.train.balancer
-    assert (tuned.train.workers, tuned.train.epochs) == (1, 3) and tuned.tune.objectives == {"val/dice": "max",
+    assert (tuned.train.workers, tuned.train.epochs) == (1, 2) and tuned.tune.objectives == {"val/dice": "max",
                                                                                              "val/mmse_mae": "min"}
     loop = tmp_path / "a.yaml"
     loop.write_text(f"extends: {tmp_path / 'b.yaml'}\n")
