@@ -41,7 +41,7 @@ from jointray.metrics import (
     volume_metrics,
     voxel_calibration_error,
 )
-from jointray.metrics.cohort import validation_metrics, volume_agreement
+from jointray.metrics.cohort import validation_keys, validation_metrics, volume_agreement
 from jointray.tasks import JointOutput
 from jointray.train.batches import to_model_batch
 from jointray.train.validation import predict_cases
@@ -405,6 +405,19 @@ def test_validation_counts_misses_and_keeps_their_worst_case_in_the_mean():
     assert metrics["val/missed/x"] == 1 and metrics["val/missed"] == 1
     assert metrics["val/hd95/x"] == 26.0  # the miss counts at its worst case; both-empty "c" is left out
     assert metrics["val/dice/x"] == pytest.approx(0.6)
+
+
+def test_validation_keys_are_every_key_validation_can_report():
+    """A search compares trials by key: validation_keys must name exactly what a full validation reports, and a
+    validation without events or targets reports a subset (the loop fills the rest with NaN)."""
+    full = [{"subject_id": str(i), "has_label": True, "dice/x": 0.5, "hd95/x": 1.0, "missed/x": 0.0, "pred_mmse": 25.0 + i,
+             "pred_cdr": i % 4, "pred_risk": float(i)} | _targets(mmse=20.0 + 2 * i, cdr=0.5, time=float(5 - i), event=1.0)
+            for i in range(5)]
+    keys = validation_keys({1: "x"}, segmentation=True, heads=["mmse", "cdr", "risk"])
+    assert sorted(validation_metrics(full, {1: "x"}, 4)) == sorted(keys)
+    censored = [r | {"event": 0.0, "mmse": float("nan")} for r in full]
+    assert set(validation_metrics(censored, {1: "x"}, 4)) < set(keys)
+    assert validation_keys({1: "x"}, segmentation=False, heads=["risk"]) == ["val/cases", "val/c_index"]
 
 
 def test_validation_outcome_scores_match_scipy_and_sklearn():

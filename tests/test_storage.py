@@ -87,12 +87,16 @@ def _fresh_resume_and_best(prepared, storage_uri: str, fs: pafs.FileSystem, base
     return fresh
 
 
-def test_file_uri_storage_starts_fresh_resumes_and_exports_best_there(prepared, tmp_path, monkeypatch):
+def test_file_uri_storage_holds_the_run_and_its_best_checkpoint(prepared, tmp_path, monkeypatch):
+    """A file:// URI is a local folder (the fresh/resume sequence is the S3 test's): the run, its checkpoints
+    and best/ land there, nothing in the working directory."""
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory's ./runs
     storage = tmp_path / "storage"
-    fresh = _fresh_resume_and_best(prepared, f"file://{storage}", pafs.LocalFileSystem(), str(storage), "f")
-    assert fresh.best_dir == storage / "f" / "best"
-    assert not (tmp_path / "runs").exists()
+    result = run_training(load_config(None, [*prepared, f"train.storage_path=file://{storage}", "train.name=f",
+                                             "train.epochs=1"]), announce=lambda _: None)
+    assert result.best_dir == storage / "f" / "best" and result.run_dir == storage / "f"
+    assert _state(pafs.LocalFileSystem(), str(storage / "f" / "best")).state["epoch"] == 0
+    assert (storage / "f" / "epoch_0000").is_dir() and not (tmp_path / "runs").exists()
 
 
 def test_s3_storage_starts_fresh_resumes_and_exports_best_there(prepared, s3_server, tmp_path, monkeypatch):

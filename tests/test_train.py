@@ -35,6 +35,13 @@ def _cfg(prepared, tmp_path, *extra):
     return load_config(None, [*overrides, f"train.storage_path={tmp_path}", *extra])
 
 
+@pytest.fixture(scope="module")
+def one_epoch(prepared, tmp_path_factory):
+    """One run of one epoch, ``<storage>/one``, shared by the tests that only read it."""
+    storage = tmp_path_factory.mktemp("one_epoch")
+    return storage, run_training(_cfg(prepared, storage, "train.name=one", "train.epochs=1"), announce=lambda _: None)
+
+
 def test_training_run_exports_a_verified_best_checkpoint(prepared, tmp_path):
     cfg = _cfg(prepared, tmp_path, "train.name=basic", "train.epochs=2", "train.mlflow=true")
     result = run_training(cfg, announce=lambda _: None)
@@ -61,12 +68,12 @@ def test_training_run_exports_a_verified_best_checkpoint(prepared, tmp_path):
     assert loaded.trained_heads == ["mmse", "cdr", "risk"]  # every head saw targets in this cohort
 
 
-def test_trained_outcome_heads_are_reported_with_monte_carlo_intervals(prepared, tmp_path):
+def test_trained_outcome_heads_are_reported_with_monte_carlo_intervals(prepared, one_epoch):
     import pandas as pd
 
     from jointray.inference.predictor import Predictor
 
-    result = run_training(_cfg(prepared, tmp_path, "train.name=outcomes", "train.epochs=1"), announce=lambda _: None)
+    _, result = one_epoch
     root, _ = prepared
     row = pd.read_csv(root / "cohort" / "manifest.csv").iloc[0]
     predictor = Predictor(result.best_dir, device="cpu")
@@ -98,11 +105,11 @@ def _same_metrics(a: dict[str, float], b: dict[str, float]) -> list[str]:
     return sorted(k for k in keys if not (a.get(k) == b.get(k) or (math.isnan(a.get(k, 0.0)) and math.isnan(b.get(k, 0.0)))))
 
 
-def _assert_resume_matches(prepared, tmp_path, *extra, rtol=0.0):
+def _assert_resume_matches(prepared, tmp_path, *extra, fault_at=6, rtol=0.0):
     clean = run_training(_cfg(prepared, tmp_path, "train.name=clean", *extra), announce=lambda _: None)
-    faulty = run_training(_cfg(prepared, tmp_path, "train.name=faulty", "train.fault_at_step=6", *extra),
+    faulty = run_training(_cfg(prepared, tmp_path, "train.name=faulty", f"train.fault_at_step={fault_at}", *extra),
                           announce=lambda _: None)
-    assert (tmp_path / "faulty" / FAULT_MARKER).read_text() == "fault injected at step 6\n"  # it really died
+    assert (tmp_path / "faulty" / FAULT_MARKER).read_text() == f"fault injected at step {fault_at}\n"  # it died
     reference, resumed = _last_checkpoint(tmp_path / "clean"), _last_checkpoint(tmp_path / "faulty")
     assert (resumed.state["epoch"], resumed.state["step"]) == (reference.state["epoch"], reference.state["step"])
     for key, tensor in reference.state["model"].items():
@@ -122,27 +129,28 @@ def test_a_resumed_run_ends_bit_identical_to_the_uninterrupted_run(prepared, tmp
     assert _same_metrics(clean.final_metrics, faulty.final_metrics) == []
 
 
-def test_two_workers_resume_to_the_same_weights(prepared, tmp_path):
-    # Two workers: each rank restores its own generators; the data split is the same in both runs.
-    clean, faulty = _assert_resume_matches(prepared, tmp_path, "train.epochs=3", "train.workers=2",
-                                           "train.augment.enabled=true", rtol=1e-6)
+def test_two_workers_resume_to_the_same_weights_validating_every_subject_once_with_identical_replicas(
+        prepared, tmp_path):
+    """Two workers, a crash at step 4 (the last step of epoch 1; 2 steps an epoch), resumed from epoch 0.
+
+    Each rank restores its own generators and the data split is the same in both runs, so the weights end
+    equal. Every epoch validates each of the 5 validation subjects once, and the ranks hold bit-identical
+    weights and balancer state. deep_supervision=[1,0,0] leaves the coarse outputs out of the loss: DDP
+    must not find their parameters unused. The uncertainty balancer learns weights outside DDP: they must
+    agree too, and resume with the rest."""
+    extra = ("train.epochs=2", "train.workers=2", "train.augment.enabled=true", "train.balancer.kind=uncertainty",
+             "train.loss.deep_supervision=[1,0,0]")
+    clean, faulty = _assert_resume_matches(prepared, tmp_path, *extra, fault_at=4, rtol=1e-6)
     assert clean.final_metrics["val/dice"] == pytest.approx(faulty.final_metrics["val/dice"], rel=1e-6)
-
-
-def test_two_workers_validate_every_subject_once_and_hold_identical_replicas(prepared, tmp_path):
-    # deep_supervision=[1,0,0] leaves the coarse outputs out of the loss: DDP must not find their
-    # parameters unused. The uncertainty balancer learns weights outside DDP: they must agree too.
-    cfg = _cfg(prepared, tmp_path, "train.name=ddp", "train.workers=2", "train.epochs=2",
-               "train.loss.deep_supervision=[1,0,0]", "train.balancer.kind=uncertainty",
-               "train.augment.enabled=true")
-    result = run_training(cfg, announce=lambda _: None)
+    cfg = _cfg(prepared, tmp_path)
     _, val_ids = split_subjects(cfg.train.prepared or cfg.data.output, cfg.train.n_folds, cfg.train.fold,
                                 cfg.train.seed)
-    for checkpoint in sorted((tmp_path / "ddp").glob("epoch_*")):
-        metrics = read_checkpoint(checkpoint).metrics
-        assert metrics["val/cases"] == len(val_ids) == 5
-        assert metrics["ddp/model_in_sync"] == 1.0 and metrics["ddp/balancer_in_sync"] == 1.0
-    assert result.final_metrics["step"] == 2 * 2  # ceil(15 / 2 workers / batch 4) = 2 steps an epoch
+    for run in ("clean", "faulty"):
+        for checkpoint in sorted((tmp_path / run).glob("epoch_*")):
+            metrics = read_checkpoint(checkpoint).metrics
+            assert metrics["val/cases"] == len(val_ids) == 5
+            assert metrics["ddp/model_in_sync"] == 1.0 and metrics["ddp/balancer_in_sync"] == 1.0
+    assert clean.final_metrics["step"] == 2 * 2  # ceil(15 / 2 workers / batch 4) = 2 steps an epoch
 
 
 def test_the_wall_clock_budget_ends_the_run_with_a_validated_checkpoint(prepared, tmp_path):
@@ -158,8 +166,8 @@ def test_the_wall_clock_budget_ends_the_run_with_a_validated_checkpoint(prepared
     assert result.final_metrics["lr"] < 1e-5
 
 
-def test_corrupt_or_half_written_checkpoints_are_never_loaded(prepared, tmp_path):
-    result = run_training(_cfg(prepared, tmp_path, "train.name=ck", "train.epochs=1"), announce=lambda _: None)
+def test_corrupt_or_half_written_checkpoints_are_never_loaded(one_epoch, tmp_path):
+    _, result = one_epoch
     broken = tmp_path / "broken"
     shutil.copytree(result.best_dir, broken)
     with (broken / STATE_FILE).open("r+b") as f:
@@ -190,9 +198,9 @@ def test_bad_requests_fail_before_training(prepared, tmp_path):
         run_training(_cfg(prepared, tmp_path, "model.variant=dv"))
 
 
-def test_resuming_another_model_variant_is_refused(prepared, tmp_path):
-    run_training(_cfg(prepared, tmp_path, "train.name=variant", "train.epochs=1"), announce=lambda _: None)
+def test_resuming_another_model_variant_is_refused(prepared, one_epoch):
+    storage, _ = one_epoch
     with pytest.raises(ConfigError, match="holds a run of model v2 .* this config asks for dv1"):
-        run_training(_cfg(prepared, tmp_path, "train.name=variant", "train.resume=true", "model.variant=dv1"))
-    meta = json.loads(next((tmp_path / "variant").glob("epoch_*/meta.json")).read_text())
+        run_training(_cfg(prepared, storage, "train.name=one", "train.resume=true", "model.variant=dv1"))
+    meta = json.loads(next((storage / "one").glob("epoch_*/meta.json")).read_text())
     assert meta["config"]["model"]["variant"] == "v2"
