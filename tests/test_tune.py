@@ -135,6 +135,8 @@ def test_multi_objective_search_with_a_failing_trial_and_two_trials_at_once(prep
 
     assert prediction.mask.shape == nib.load(root / "cohort" / row["image"]).shape
     assert math.isfinite(prediction.outcomes["pred_mmse"])
+    with pytest.raises(ConfigError, match="already holds a search: continue it with `jointray tune --resume"):
+        run_search(cfg)  # hours of trials are not replaced by a rerun
 
 
 def _running_tune(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

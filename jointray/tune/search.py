@@ -145,11 +145,16 @@ def _searcher(cfg: Config, folder: Path, study_name: str) -> OptunaSearch | None
     )
 
 
+def _trainable(cfg: Config, folder: Path, concurrency: Concurrency):
+    """:func:`run_trial` bound to this search, holding only its driver's share of a CPU (the trainer's
+    workers get theirs from Ray Train)."""
+    return ray.tune.with_resources(
+        partial(run_trial, base=cfg.model_dump_json(), folder=str(folder), cpus=concurrency.cpus_per_trial),
+        {"CPU": cfg.tune.driver_cpus})
+
+
 def _tuner(cfg: Config, folder: Path, study_name: str, concurrency: Concurrency) -> ray.tune.Tuner:
     t = cfg.tune
-    trainable = ray.tune.with_resources(
-        partial(run_trial, base=cfg.model_dump_json(), folder=str(folder), cpus=concurrency.cpus_per_trial),
-        {"CPU": t.driver_cpus})
     scheduler = None
     if t.scheduler == "asha":
         (metric, mode), = t.objectives.items()
@@ -158,7 +163,7 @@ def _tuner(cfg: Config, folder: Path, study_name: str, concurrency: Concurrency)
                                   max_t=cfg.train.epochs + 1, grace_period=t.grace_epochs,
                                   reduction_factor=t.reduction_factor)
     return ray.tune.Tuner(
-        trainable,
+        _trainable(cfg, folder, concurrency),
         param_space=tune_space(t.space),
         tune_config=ray.tune.TuneConfig(search_alg=_searcher(cfg, folder, study_name), scheduler=scheduler,
                                         num_samples=t.num_samples, max_concurrent_trials=concurrency.trials),
@@ -213,13 +218,11 @@ def run_search(cfg: Config, resume: bool = False) -> ResultsSummary:
         state = json.loads((folder / SEARCH_STATE).read_text())
         if not ray.tune.Tuner.can_restore(str(folder / TUNE_DIR)):
             raise ConfigError(f"{folder / TUNE_DIR} holds no Tune experiment to restore")
-        trainable = ray.tune.with_resources(
-            partial(run_trial, base=cfg.model_dump_json(), folder=str(folder), cpus=concurrency.cpus_per_trial),
-            {"CPU": cfg.tune.driver_cpus})
-        # resume_errored: a trial that died with the driver is an errored trial to Tune; it continues
-        # from its own training checkpoint (its run folder is resumable).
-        tuner = ray.tune.Tuner.restore(str(folder / TUNE_DIR), trainable, resume_errored=True,
-                                       param_space=tune_space(cfg.tune.space))
+        # Trials that were running when the driver died continue from their own training checkpoints
+        # (their run folders are resumable). resume_errored: a failed trial is tried once more, which a
+        # transient failure (a lost node) deserves; a deterministic one fails again and is recorded again.
+        tuner = ray.tune.Tuner.restore(str(folder / TUNE_DIR), _trainable(cfg, folder, concurrency),
+                                       resume_errored=True, param_space=tune_space(cfg.tune.space))
         print(f"resuming the search in {folder}", flush=True)
     else:
         if folder.exists():
