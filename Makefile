@@ -36,7 +36,8 @@ browser:
 test: $(STAMP) browser
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest
 
-# Throughput first (minutes), then the accuracy runs (20 min of training on MSD; 4 x 5 min synthetic).
+# Throughput first (minutes), then the accuracy runs (20 min of training on MSD; 4 x 5 min synthetic;
+# the ablation grid and search, about an hour; 5 x 5 min on MSD with semi-synthetic outcomes).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/model.py
@@ -44,6 +45,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/accuracy_msd.py
 	$(BIN)/python benchmarks/joint_learning.py
 	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/tune.py
+	$(BIN)/python benchmarks/ablation.py
+	$(BIN)/python benchmarks/joint_real.py
 
 clean:
 	rm -rf $(VENV) runs benchmarks/results

@@ -91,8 +91,9 @@ def test_trained_outcome_heads_are_reported_with_monte_carlo_intervals(prepared,
     assert cdr["stage"] == prediction.outcomes["pred_cdr_stage"]
 
 
-#: Wall-clock figures: the only metrics two runs of one seed may disagree on.
-TIMING = {"elapsed_s", "eta_s", "cases_per_s"}
+#: The only metrics two runs of one seed may disagree on: wall-clock figures, and which checkpoint the
+#: run's last attempt started from (the crashed run resumed from epoch 0, the clean one from scratch).
+UNCOMPARED = {"elapsed_s", "eta_s", "cases_per_s", "resumed_from_epoch"}
 
 
 def _last_checkpoint(run: Path):
@@ -100,8 +101,8 @@ def _last_checkpoint(run: Path):
 
 
 def _same_metrics(a: dict[str, float], b: dict[str, float]) -> list[str]:
-    """Names of the metrics that differ (NaN equals NaN), timing left out."""
-    keys = (set(a) | set(b)) - TIMING
+    """Names of the metrics that differ (NaN equals NaN), the UNCOMPARED ones left out."""
+    keys = (set(a) | set(b)) - UNCOMPARED
     return sorted(k for k in keys if not (a.get(k) == b.get(k) or (math.isnan(a.get(k, 0.0)) and math.isnan(b.get(k, 0.0)))))
 
 
@@ -127,6 +128,7 @@ def test_a_resumed_run_ends_bit_identical_to_the_uninterrupted_run(prepared, tmp
     clean, faulty = _assert_resume_matches(prepared, tmp_path, "train.epochs=3", "train.augment.enabled=true",
                                            "train.augment.affine_prob=0.5")
     assert _same_metrics(clean.final_metrics, faulty.final_metrics) == []
+    assert (clean.final_metrics["resumed_from_epoch"], faulty.final_metrics["resumed_from_epoch"]) == (-1, 0)
 
 
 def test_two_workers_resume_to_the_same_weights_validating_every_subject_once_with_identical_replicas(

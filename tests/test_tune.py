@@ -178,3 +178,22 @@ def test_a_search_whose_driver_is_killed_resumes_without_rerunning_finished_tria
     assert all(attempts[t] == 1 and resumed[t] == -1 for t in before), (attempts, resumed)  # never re-run
     assert all(attempts[t] == 2 and resumed[t] == 0 for t in interrupted), (attempts, resumed)  # continued
     assert (folder / "best" / "meta.json").is_file() and (folder / "history.png").is_file()
+
+
+def test_one_objective_uses_tpe_with_asha_and_several_use_no_scheduler(prepared, tmp_path):
+    """The searcher and scheduler a search gets: ASHA counts the trial's last report (its best checkpoint's
+    metrics) as one step past its epochs; a multi-objective search has no scheduler."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from jointray.tune.search import _scheduler, _searcher
+
+    cfg = _search(prepared, tmp_path, "train.epochs=7", "tune.scheduler=asha", "tune.grace_epochs=2")
+    asha = _scheduler(cfg)
+    assert isinstance(asha, ASHAScheduler)
+    assert (asha._metric, asha._mode, asha._max_t) == ("val/score", "max", 8)
+    assert [rung for rung, _ in asha._brackets[0]._rungs] == [6, 2]  # grace 2, × reduction factor 3
+    assert _searcher(cfg, tmp_path, "one").metric == "val/score"
+    multi = _search(prepared, tmp_path, "tune.objectives={val/dice: max, val/mmse_mae: min}")
+    assert _scheduler(multi) is None
+    searcher = _searcher(multi, tmp_path, "two")
+    assert (searcher.metric, searcher.mode) == (["val/dice", "val/mmse_mae"], ["max", "min"])

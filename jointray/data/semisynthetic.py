@@ -32,10 +32,9 @@ Outcomes (ε, δ ~ N(0, 1); defaults of :class:`OutcomeNoise`: mmse_sd 1.9, cdr_
     T = 6·(E·exp(−lp_hazard))^(1/1.5),  E ~ Exp(1)              (Weibull PH, years)
     C ~ U(2, 8) years of follow-up;  time = min(T, C),  event = [T ≤ C]     (≈ 50–64 % events)
 
-Variance of lp_mmse: 4.0 from volume, ≈ 1.3 from covariates, against 3.6 of noise. On the 220 MSD
-hippocampus cases (seeds 0–11), OLS of mmse on V_total alone reaches R² ≈ 0.44 (0.38–0.48), on V_total
-and the covariates ≈ 0.60 (0.57–0.67, MAE ≈ 0.62 of the mean predictor's), on the covariates alone
-≈ 0.14 (0.08–0.23); Harrell's C of −V_total against (time, event) ≈ 0.70 (0.68–0.74). Education and apoe4 are missing (empty cells) at ``missing_rate`` each; the
+Variance of lp_mmse: 4.0 from volume, ≈ 1.3 from covariates, against 3.6 of noise: the volume carries
+most of what can be predicted, the covariates add a little (``tests/test_semisynthetic.py`` holds the
+fits on the MSD cases to ranges). Education and apoe4 are missing (empty cells) at ``missing_rate`` each; the
 outcomes use the true values. Cases the source refuses or whose label cannot be read are skipped with
 a reason, never a crash.
 """

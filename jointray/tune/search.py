@@ -153,19 +153,22 @@ def _trainable(cfg: Config, folder: Path, concurrency: Concurrency):
         {"CPU": cfg.tune.driver_cpus})
 
 
+def _scheduler(cfg: Config) -> ASHAScheduler | None:
+    t = cfg.tune
+    if t.scheduler != "asha":
+        return None
+    (metric, mode), = t.objectives.items()
+    # +1: the trial's last report (the best checkpoint's metrics) comes after its last epoch.
+    return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode, max_t=cfg.train.epochs + 1,
+                         grace_period=t.grace_epochs, reduction_factor=t.reduction_factor)
+
+
 def _tuner(cfg: Config, folder: Path, study_name: str, concurrency: Concurrency) -> ray.tune.Tuner:
     t = cfg.tune
-    scheduler = None
-    if t.scheduler == "asha":
-        (metric, mode), = t.objectives.items()
-        # +1: the trial's last report (the best checkpoint's metrics) comes after its last epoch.
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode,
-                                  max_t=cfg.train.epochs + 1, grace_period=t.grace_epochs,
-                                  reduction_factor=t.reduction_factor)
     return ray.tune.Tuner(
         _trainable(cfg, folder, concurrency),
         param_space=tune_space(t.space),
-        tune_config=ray.tune.TuneConfig(search_alg=_searcher(cfg, folder, study_name), scheduler=scheduler,
+        tune_config=ray.tune.TuneConfig(search_alg=_searcher(cfg, folder, study_name), scheduler=_scheduler(cfg),
                                         num_samples=t.num_samples, max_concurrent_trials=concurrency.trials),
         run_config=_run_config(cfg, folder),
     )
