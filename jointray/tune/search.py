@@ -26,7 +26,6 @@ it holds CPUs, so concurrent trials do not oversubscribe the machine.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 import time
@@ -53,9 +52,6 @@ SEARCH_CONFIG = "search.yaml"
 SEARCH_STATE = "search.json"
 TUNE_DIR = "tune"
 ATTEMPTS_FILE = "attempts.jsonl"
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class Concurrency:
