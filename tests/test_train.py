@@ -106,7 +106,7 @@ def _same_metrics(a: dict[str, float], b: dict[str, float]) -> list[str]:
     return sorted(k for k in keys if not (a.get(k) == b.get(k) or (math.isnan(a.get(k, 0.0)) and math.isnan(b.get(k, 0.0)))))
 
 
-def _assert_resume_matches(prepared, tmp_path, *extra, fault_at=6, rtol=0.0):
+def _assert_resume_matches(prepared, tmp_path, *extra, fault_at: int, rtol=0.0):
     clean = run_training(_cfg(prepared, tmp_path, "train.name=clean", *extra), announce=lambda _: None)
     faulty = run_training(_cfg(prepared, tmp_path, "train.name=faulty", f"train.fault_at_step={fault_at}", *extra),
                           announce=lambda _: None)
@@ -123,10 +123,11 @@ def _assert_resume_matches(prepared, tmp_path, *extra, fault_at=6, rtol=0.0):
 
 def test_a_resumed_run_ends_bit_identical_to_the_uninterrupted_run(prepared, tmp_path):
     # Augmentation, dropout and the shuffle buffer all draw random numbers: each must continue exactly.
-    # 15 training subjects in batches of 4 = 4 steps an epoch: the crash at step 6 loses epoch 1's work
-    # up to it, and the run restarts from the epoch-0 checkpoint.
+    # 15 training subjects in batches of 4 = 4 steps an epoch. The crash comes at step 5, the first after
+    # epoch 0's checkpoint was reported, sooner than Ray's controller polls for it: the run must still
+    # restart from that checkpoint, not from scratch.
     clean, faulty = _assert_resume_matches(prepared, tmp_path, "train.epochs=3", "train.augment.enabled=true",
-                                           "train.augment.affine_prob=0.5")
+                                           "train.augment.affine_prob=0.5", fault_at=5)
     assert _same_metrics(clean.final_metrics, faulty.final_metrics) == []
     assert (clean.final_metrics["resumed_from_epoch"], faulty.final_metrics["resumed_from_epoch"]) == (-1, 0)
 

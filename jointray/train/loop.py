@@ -343,6 +343,10 @@ class JointTrainer:
                              self.loop_config["trained_heads"])
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                              checkpoint_dir_name=f"epoch_{self.epoch:04d}")
+        # The controller registers a report when it next polls the workers: a crash before that would
+        # restart from the previous checkpoint. Waiting for the commit makes every saved epoch one a
+        # restart continues from.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
     def load_checkpoint(self, checkpoint: ray.train.Checkpoint) -> None:
         """Continue after the checkpointed epoch, with this rank's own generators as they were then."""
