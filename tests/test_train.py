@@ -126,7 +126,7 @@ def test_a_resumed_run_ends_bit_identical_to_the_uninterrupted_run(prepared, tmp
     # 15 training subjects in batches of 4 = 4 steps an epoch. The crash comes at step 5, the first after
     # epoch 0's checkpoint was reported, sooner than Ray's controller polls for it: the run must still
     # restart from that checkpoint, not from scratch.
-    clean, faulty = _assert_resume_matches(prepared, tmp_path, "train.epochs=3", "train.augment.enabled=true",
+    clean, faulty = _assert_resume_matches(prepared, tmp_path, "train.epochs=2", "train.augment.enabled=true",
                                            "train.augment.affine_prob=0.5", fault_at=5)
     assert _same_metrics(clean.final_metrics, faulty.final_metrics) == []
     assert (clean.final_metrics["resumed_from_epoch"], faulty.final_metrics["resumed_from_epoch"]) == (-1, 0)
@@ -157,8 +157,8 @@ def test_two_workers_resume_to_the_same_weights_validating_every_subject_once_wi
 
 
 def test_the_wall_clock_budget_ends_the_run_with_a_validated_checkpoint(prepared, tmp_path):
-    # 50 epochs would take minutes; a 25-second budget stops after a few, still validated and saved.
-    result = run_training(_cfg(prepared, tmp_path, "train.name=budget", "train.epochs=50", "train.max_minutes=0.42"),
+    # 50 epochs would take minutes; a 15-second budget stops after a few, still validated and saved.
+    result = run_training(_cfg(prepared, tmp_path, "train.name=budget", "train.epochs=50", "train.max_minutes=0.25"),
                           announce=lambda _: None)
     assert result.final_metrics["stopped"] == 1.0 and 1 <= result.final_metrics["epoch"] < 25
     assert math.isfinite(result.final_metrics["val/dice"])
