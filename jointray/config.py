@@ -141,7 +141,7 @@ class ModelConfig(_Section):
         None, description="FiLM + cross-attention of the clinical record on the bottleneck; null: the variant's"
     )
     cross_task: bool | None = Field(
-        None, description="the segmentation <-> outcome paths (gates from h, structure pooling into h); null: the "
+        None, description="the segmentation <-> outcome paths (gates from h, predicted structure volumes into h); null: the "
         "variant's. Needs a variant with both segmentation and outcomes"
     )
 
@@ -188,7 +188,7 @@ class PhaseConfig(_Section):
     until: float = Field(gt=0, le=1, description="progress bound of the phase, exclusive")
     seg: float = Field(ge=0, description="scale of the segmentation loss")
     outcome: float = Field(ge=0, description="scale of every outcome loss (mmse, cdr, risk)")
-    cross: float = Field(ge=0, le=1, description="cross-task interaction strength, read by the model")
+    cross: float = Field(ge=0, le=1, description="strength of the outcome → segmentation gates, read by the model")
     lr_scale: float = Field(gt=0, description="the phase's peak learning rate as a multiple of train.lr")
 
     @model_validator(mode="after")

@@ -313,3 +313,61 @@ def test_component_switches_take_one_part_out_of_a_variant_at_a_time():
         load_config(None, ["model.variant=seg_only", "model.cross_task=true"])
     with pytest.raises(ConfigError, match="model.attention_gates=true needs a decoder"):
         load_config(None, ["model.variant=outcome_only", "model.attention_gates=true"])
+
+
+def test_running_standardize_follows_its_recurrence_and_never_mixes_a_batch():
+    from jointray.models.standardize import RunningStandardize
+
+    torch.manual_seed(0)
+    module = RunningStandardize(3, momentum=0.1)
+    batches = [torch.randn(4, 3) * torch.tensor([0.05, 1.0, 3.0]) + torch.tensor([1.2, -2.0, 40.0])
+               for _ in range(60)]
+    mean, var = np.zeros(3), np.ones(3)
+    for n, batch in enumerate(batches, start=1):
+        x = batch.numpy().astype(np.float64)
+        out = module(batch)
+        np.testing.assert_allclose(out.detach().numpy(), (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-5)
+        rate = max(0.1, 1 / n)
+        mean = mean + rate * (x.mean(0) - mean)
+        var = var + rate * (((x - mean) ** 2).mean(0) - var)
+    np.testing.assert_allclose(module.mean.numpy(), mean, rtol=1e-5)
+    np.testing.assert_allclose(module.var.numpy(), var, rtol=1e-4)
+    # The estimates track the inputs: a volume-like feature (SD 4 % of its mean) comes out at unit scale.
+    fresh = torch.randn(2000, 3) * torch.tensor([0.05, 1.0, 3.0]) + torch.tensor([1.2, -2.0, 40.0])
+    standardized = module.eval()(fresh)
+    assert standardized.mean(0).abs().max() < 0.3 and ((standardized.std(0) - 1).abs() < 0.3).all()
+    # A subject's training output is the same whoever shares its batch.
+    module.train()
+    state = copy.deepcopy(module.state_dict())
+    first = module(torch.cat([fresh[:1], fresh[1:4]]))[0]
+    module.load_state_dict(state)
+    torch.testing.assert_close(module(torch.cat([fresh[:1], fresh[10:13] * 5]))[0], first, rtol=0, atol=0)
+
+
+def test_outcome_losses_never_reach_the_segmentation_branch():
+    """The volumes enter the heads detached: outcomes train the shared encoder, never the mask."""
+    image, clinical, _ = _inputs("v2")
+    model = build_model(ModelConfig(**SMALL), 1, SCHEMA)
+    out = model(image, clinical, cross=1.0)
+    losses = JointLoss(model.cfg, load_config(None).train.loss)(out, _targets())
+    (losses["mmse"] + losses["cdr"] + losses["risk"]).backward()
+    params = dict(model.named_parameters())
+    decoder = [n for n in params if n.startswith("decoder.")]
+    assert decoder and all(params[n].grad is None for n in decoder)
+    assert params["from_structures.weight"].grad.abs().sum() > 0
+    assert params["encoder.stem.conv.weight" if "encoder.stem.conv.weight" in params else
+                  next(n for n in params if n.startswith("encoder."))].grad.abs().sum() > 0
+
+
+def test_structure_volumes_are_the_predicted_masks_volumes():
+    from jointray.models.heads import StructureVolumes
+
+    label = torch.zeros(2, 6, 5, 4, dtype=torch.long)
+    label[0, :2] = 1  # 40 voxels of class 1
+    label[0, 4:, :1] = 2  # 8 voxels of class 2
+    label[1, :, :, :1] = 2  # 30 voxels of class 2, none of class 1
+    # Confident but soft: the background keeps 2 % of class 1 everywhere, which a soft volume would count.
+    logits = torch.nn.functional.one_hot(label, 3).permute(0, 4, 1, 2, 3).float() * 4.0
+    volumes = StructureVolumes()(logits, torch.tensor([1.0, 2.5]))
+    expected = torch.log1p(torch.tensor([[40 * 1.0, 8 * 1.0], [0.0, 30 * 2.5]]) / 1000)
+    torch.testing.assert_close(volumes, expected)

@@ -51,8 +51,7 @@ class SegmentationDecoder(nn.Module):
     (outcome → segmentation interaction); 1 everywhere means no effect.
 
     features [(B, c_0, X/2, ...), ..., (B, c_L, X/2^(L+1), ...)], image (B, C_in, X, ...)
-    → logits [(B, K, X, ...), (B, K, X/2, ...), (B, K, X/4, ...)] and the 1/2-resolution decoder
-    features (B, c_0, X/2, ...) used for structure pooling.
+    → logits [(B, K, X, ...), (B, K, X/2, ...), (B, K, X/4, ...)]
     """
 
     def __init__(self, channels: tuple[int, ...], in_channels: int, num_classes: int, attention_gates: bool,
@@ -79,7 +78,8 @@ class SegmentationDecoder(nn.Module):
     def gated_channels(self) -> list[int]:
         return [level.out_channels for level in self.levels]
 
-    def forward(self, features: list[torch.Tensor], image: torch.Tensor, gates: list[torch.Tensor] | None = None):
+    def forward(self, features: list[torch.Tensor], image: torch.Tensor,
+                gates: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         x = features[-1]
         outputs = []
         for i, level in enumerate(self.levels):
@@ -89,4 +89,4 @@ class SegmentationDecoder(nn.Module):
             outputs.append(x)
         full = self.refine(torch.cat([self.to_full(x), image], dim=1))
         logits = [self.heads[0](full), self.heads[1](x), self.heads[2](outputs[-2])]
-        return logits, x
+        return logits

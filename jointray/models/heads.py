@@ -1,11 +1,10 @@
-"""Outcome heads (MMSE, CDR, Cox risk) and the segmentation → outcome interaction."""
+"""Outcome heads (MMSE, CDR, Cox risk) and the predicted structure volumes they read."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 #: MMSE is bounded; predicting through a scaled sigmoid keeps every sample (MC included) in range.
@@ -14,25 +13,28 @@ MMSE_MAX = 30.0
 MMSE_INIT = 26.0
 
 
-class StructurePooling(nn.Module):
-    """Features pooled inside each predicted structure, plus the predicted structure volumes.
+class StructureVolumes(nn.Module):
+    """The predicted volume of each foreground structure, ``log1p(n_k · voxel_mm³ / 1000)`` (ml), where n_k
+    counts the voxels whose argmax class is k: the volume of the mask the model outputs.
 
-    For every foreground class k: ``f_k = Σ p_k·F / (Σ p_k + ε)`` over voxels (soft masked average of
-    the decoder features F under the predicted probability p_k, both at the features' resolution), and
-    ``log1p(Σ p_k · voxel_mm³ / 1000)`` (volume in ml, from full-resolution probabilities). Soft
-    probabilities keep it differentiable, so the outcome loss also shapes the mask.
+    Not differentiable, and on purpose: the outcome losses cannot move the mask. A mask grown or shrunk
+    to fit a cognitive score is wrong anatomy, and the volume a clinician reads off it would be wrong
+    too; the labels alone decide where the structure is. Nor a soft volume Σ p_k: the small
+    probabilities spread over the whole background would add up to several times the structure's own
+    volume, and vary from case to case with the model's calibration rather than the anatomy.
 
-    logits (B, K, X, Y, Z), features (B, C, X/s, Y/s, Z/s), voxel_volume (B,) mm³ → (B, (K-1)·(C+1))
+    Volumes only, not features pooled inside each structure: at a few hundred subjects every extra input
+    per case is one more way for the heads to tell training subjects apart, and the volume is the
+    established hippocampal biomarker.
+
+    logits (B, K, X, Y, Z), voxel_volume (B,) mm³ → (B, K-1)
     """
 
-    def forward(self, logits: torch.Tensor, features: torch.Tensor, voxel_volume: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(logits.float(), dim=1)[:, 1:]  # (B, K-1, X, Y, Z)
-        mass = probs.flatten(2).sum(-1)  # (B, K-1)
-        coarse = F.adaptive_avg_pool3d(probs, features.shape[2:]).flatten(2)
-        pooled = torch.einsum("bkn,bcn->bkc", coarse, features.float().flatten(2)) / (
-            coarse.sum(-1, keepdim=True) + 1e-6)
-        volume_ml = torch.log1p(mass * voxel_volume.unsqueeze(-1) / 1000.0)
-        return torch.cat([pooled, volume_ml.unsqueeze(-1)], dim=-1).flatten(1)
+    def forward(self, logits: torch.Tensor, voxel_volume: torch.Tensor) -> torch.Tensor:
+        labels = logits.detach().argmax(dim=1).flatten(1)  # (B, N)
+        classes = torch.arange(1, logits.shape[1], device=logits.device)
+        counts = (labels.unsqueeze(1) == classes.view(1, -1, 1)).sum(-1).float()  # (B, K-1)
+        return torch.log1p(counts * voxel_volume.float().unsqueeze(-1) / 1000.0)
 
 
 class OutcomeHeads(nn.Module):

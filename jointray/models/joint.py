@@ -6,10 +6,11 @@ Data flow (v2)::
     clinical ─ ClinicalEncoder ─ c, tokens ──────────┘          │
                                                      h0 = MLP[GAP(bottleneck), c]
                                   gates = 1 + λ·tanh(W h0) ──►  decoder (attention-gated skips) ─ logits ×3
-                                                     h = h0 + λ·W' StructurePooling(logits, features)
+                                                     h = h0 + W' std(log structure volumes(logits))
                                                      heads(h) → mmse, cdr, risk
 
-λ (``cross``, from the curriculum) scales both cross-task paths; λ = 0 switches them off.
+λ (``cross``, from the curriculum) scales the outcome → segmentation gates; λ = 0 switches them off.
+The segmentation → outcome path (the predicted volumes, detached) is always on: it cannot move the mask.
 
 | variant       | encoder       | SE | attention gates | FiLM + cross-attn | cross-task | seg | outcomes |
 |---------------|---------------|----|-----------------|-------------------|------------|-----|----------|
@@ -33,7 +34,8 @@ from jointray.models.clinical import ClinicalEncoder
 from jointray.models.decoder import SegmentationDecoder
 from jointray.models.encoder import DualViewEncoder, ImageEncoder
 from jointray.models.fusion import ClinicalCrossAttention, FiLM
-from jointray.models.heads import OutcomeHeads, StructurePooling
+from jointray.models.heads import OutcomeHeads, StructureVolumes
+from jointray.models.standardize import RunningStandardize
 from jointray.tasks import JointOutput
 
 #: Width of the shared outcome representation h.
@@ -114,8 +116,11 @@ class JointModel(nn.Module):
             for gate in self.gates:  # zero init: gates start at exactly 1
                 nn.init.zeros_(gate.weight)
                 nn.init.zeros_(gate.bias)
-            self.structure_pool = StructurePooling()
-            self.from_structures = nn.Linear((cfg.num_classes - 1) * (channels[0] + 1), OUTCOME_DIM)
+            self.structure_volumes = StructureVolumes()
+            # Standardised, the volumes (a few per cent of their mean from one subject to the next) reach
+            # the heads at the scale of everything else in h, not a hundredth of it.
+            self.standardize_volumes = RunningStandardize(cfg.num_classes - 1)
+            self.from_structures = nn.Linear(cfg.num_classes - 1, OUTCOME_DIM)
 
     def forward(self, image: torch.Tensor | None, clinical: ClinicalInput | None = None, cross: float = 1.0,
                 voxel_volume: torch.Tensor | None = None) -> JointOutput:
@@ -143,7 +148,7 @@ class JointModel(nn.Module):
             bottleneck = self.cross_attention(self.film(features[-1], vector), tokens)
             features = [*features[:-1], bottleneck]
         if self.heads is None:
-            logits, _ = self.decoder(features, image)
+            logits = self.decoder(features, image)
             return JointOutput(seg=logits)
         parts = [features[-1].mean(dim=(2, 3, 4))] if features is not None else []
         hidden = self.to_hidden(torch.cat([*parts, vector], dim=1))
@@ -152,12 +157,14 @@ class JointModel(nn.Module):
             gates = None
             if self.spec.cross_task:
                 gates = [1.0 + cross * torch.tanh(g(hidden)) for g in self.gates]
-            logits, full = self.decoder(features, image, gates)
+            logits = self.decoder(features, image, gates)
             if self.spec.cross_task:
                 if voxel_volume is None:
                     voxel_volume = torch.ones(batch, device=device)
-                pooled = self.structure_pool(logits[0], full, voxel_volume)
-                hidden = hidden + cross * self.from_structures(pooled.to(hidden.dtype))
+                volumes = self.standardize_volumes(self.structure_volumes(logits[0], voxel_volume))
+                # Not scaled by λ: detached, the volumes cannot disturb the segmentation, and holding them
+                # back while it stabilises would leave the heads the last part of the budget to learn them.
+                hidden = hidden + self.from_structures(volumes.to(hidden.dtype))
         return JointOutput(seg=logits, hidden=hidden)
 
 

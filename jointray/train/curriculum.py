@@ -2,7 +2,7 @@
 
 Progress is ``p = epoch / epochs`` in [0, 1); the phase in force is the first whose ``until`` exceeds
 ``p``. The default phases (DESIGN.md) train segmentation first and phase in the outcomes and the
-cross-task interaction once the segmentation is worth conditioning on:
+outcome → segmentation gates once the segmentation is worth conditioning:
 
 =========  ====  =======  =====  ========
 progress   seg   outcome  cross  lr_scale
@@ -13,8 +13,9 @@ p < 1.0    0.5   0.5      0.5    0.2
 =========  ====  =======  =====  ========
 
 - ``seg`` scales the segmentation loss, ``outcome`` each outcome loss (mmse, cdr, risk).
-- ``cross`` is read by the model: the strength (0..1) of the segmentation → outcome and outcome →
-  segmentation interaction; 0 leaves the heads independent.
+- ``cross`` is read by the model: the strength (0..1) of the outcome → segmentation gates; 0 leaves
+  the segmentation independent of the outcome branch. (The segmentation → outcome path, detached
+  predicted volumes, is always on.)
 - ``lr_scale`` sets the phase's peak learning rate, ``lr = lr_scale × train.lr``, for the trainer's
   schedule (with ``train.lr = 1e-3``: 1e-3, 5e-4, 2e-4). A search over ``train.lr`` thus moves every
   phase's rate together and a search over a phase's ``lr_scale`` reshapes the steps.
