@@ -21,9 +21,9 @@ Protocol (one run, one table):
      MMSE's Huber loss is in raw points and would otherwise swamp the segmentation loss early on. For a
      single-task variant only the weights among its own tasks matter (Adam is scale-invariant);
    * the curriculum back on, since there are outcomes now: segmentation first, outcomes and the
-     cross-task paths phased in (``cross`` 0 → 0.3 → 0.5). ``msd_hippocampus.yaml`` turned it off for its
-     stepped learning rates (× 1, 0.5, 0.2 under the cosine), which leave the last 40 % of a short budget
-     below 1.4e-4 and would cost Dice in every variant; here the steps are flattened
+     outcome → segmentation gates phased in (``cross`` 0 → 0.3 → 0.5). ``msd_hippocampus.yaml`` turned
+     it off for its stepped learning rates (× 1, 0.5, 0.2 under the cosine), which leave the last 40 % of
+     a short budget below 1.4e-4 and would cost Dice in every variant; here the steps are flattened
      (``phases.{1,2}.lr_scale=1.0``), so every variant keeps the tuned single cosine from 2e-3 and only
      the task phasing differs from the MSD recipe. Pass ``train.curriculum.phases.1.lr_scale=0.5
      train.curriculum.phases.2.lr_scale=0.2`` for the default steps, or ``train.curriculum.enabled=false``;
