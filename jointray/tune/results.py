@@ -42,6 +42,7 @@ TRIALS_DIR = "trials"
 
 matplotlib.use("Agg")  # files only: no display on a cluster node
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 RESULTS = "results"
 BEST_DIR = "best"
@@ -147,6 +148,7 @@ def _plot(table: pd.DataFrame, objectives: dict[str, str], front: list[str], fol
         ax.plot(range(1, len(values) + 1), values, "o", c="0.5", label="trial")
         ax.step(range(1, len(values) + 1), best, where="post", c="tab:red", label="best so far")
         ax.set_xlabel("trial (in order of completion)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are counted, not measured
         ax.set_ylabel(f"{name} ({mode})")
         path = folder / "history.png"
     ax.legend()

@@ -53,6 +53,7 @@ SEARCH_STATE = "search.json"
 TUNE_DIR = "tune"
 ATTEMPTS_FILE = "attempts.jsonl"
 
+
 @dataclass
 class Concurrency:
     trials: int  # at once
