@@ -19,10 +19,14 @@ class RunningStandardize(nn.Module):
     updates its own estimates; the trainer broadcasts rank 0's buffers after every epoch, as for
     BatchNorm.
 
+    The rate is BatchNorm's 0.1: the first batches' inputs can be wild (the volumes of an untrained
+    segmentation, many times the structure's), and an average that remembered them for hundreds of batches
+    would keep the variance far above the inputs' own long after they settle.
+
     x (B, F) → (B, F), in the buffers' dtype.
     """
 
-    def __init__(self, features: int, momentum: float = 0.02, eps: float = 1e-5):
+    def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5):
         super().__init__()
         if not 0 < momentum <= 1:
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
