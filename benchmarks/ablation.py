@@ -14,6 +14,9 @@ the same budget per trial, seeded with the hand-set configuration; the verdict s
 trial beats the hand-set v2 of the grid on both objectives (mean over its seeds).
 
     python benchmarks/ablation.py [--subjects 400] [--minutes 3] [--seeds 0 1] [--search-trials 8] [key=value ...]
+
+``--arms 0 3 --search-trials 0 --tag ablation_rerun`` reruns some arms alone (indices into the arms in the
+order above) into ``benchmarks/results/<tag>/`` and ``<tag>.json``, leaving the full run's results alone.
 """
 
 from __future__ import annotations
@@ -80,10 +83,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--search-trials", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--arms", type=int, nargs="+", default=list(range(len(ARMS))), help="arm indices to run")
+    parser.add_argument("--tag", default="ablation", help="results folder and JSON name under benchmarks/results/")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every trial")
     args = parser.parse_args()
     console = Console(width=160)
-    folder = RESULTS / "ablation"
+    folder = RESULTS / args.tag
     shutil.rmtree(folder, ignore_errors=True)
     base = [f"data.synthetic.n_subjects={args.subjects}", "data.root=runs/bench_joint/cohort",
             "data.output=runs/bench_joint/prepared", f"train.max_minutes={args.minutes}", "train.epochs=1000",
@@ -95,6 +100,8 @@ def main() -> None:
 
     grid: dict[str, dict[str, list[float]]] = {}
     for index, (arm, extra) in enumerate(ARMS.items()):
+        if index not in args.arms:
+            continue
         console.rule(arm)
         arm_cfg = load_config("synthetic", [
             *base, *extra, f"tune.name=arm{index}", "tune.searcher=grid", "tune.num_samples=1",
@@ -105,14 +112,6 @@ def main() -> None:
         grid[arm] = {k: [float(v) for v in done[k]] if k in done else [] for k in METRICS}
         grid[arm]["epochs"] = [float(v) for v in done["epochs"]]
 
-    console.rule("multi-objective search over task weights and dropout")
-    search_cfg = load_config("synthetic", [
-        *base, "tune.name=weights_search", f"tune.num_samples={args.search_trials}",
-        "tune.objectives={val/dice: max, val/mmse_mae: min}", "tune.scheduler=none",
-        override_text("tune.space", SEARCH_SPACE), override_text("tune.points_to_evaluate", [HAND_SET])])
-    search = run_search(search_cfg).table
-    front = search[search["pareto"]]
-
     view = Table(title=f"ablation on {args.subjects} synthetic subjects, {args.minutes:g} min per trial, seeds "
                        f"{args.seeds}, fold {cfg.train.fold} of {cfg.train.n_folds} (mean ± half-range over seeds)")
     for column in ("arm", *METRICS.values(), "epochs"):
@@ -120,19 +119,28 @@ def main() -> None:
     for arm, values in grid.items():
         view.add_row(arm, *(_cell(values[k]) for k in METRICS), _cell(values["epochs"]))
     console.print(view)
-    hand = {k: float(np.mean(grid["v2 (synthetic.yaml)"][k])) for k in ("val/dice", "val/mmse_mae")}
-    beats = front[(front["val/dice"] > hand["val/dice"]) & (front["val/mmse_mae"] < hand["val/mmse_mae"])]
-    shown = ["trial_id", *(f"param/{k}" for k in SEARCH_SPACE), "val/dice", "val/mmse_mae"]
-    console.print(front[shown].to_string(index=False))
-    console.print(f"hand-set v2 (grid mean): Dice {hand['val/dice']:.4f}, MMSE MAE {hand['val/mmse_mae']:.3f}; "
-                  f"Pareto trials better on both: {len(beats)}")
+    result = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+              "subjects": args.subjects, "minutes": args.minutes, "seeds": args.seeds, "overrides": args.overrides,
+              "arms": grid}
+    if args.search_trials > 0:
+        console.rule("multi-objective search over task weights and dropout")
+        search_cfg = load_config("synthetic", [
+            *base, "tune.name=weights_search", f"tune.num_samples={args.search_trials}",
+            "tune.objectives={val/dice: max, val/mmse_mae: min}", "tune.scheduler=none",
+            override_text("tune.space", SEARCH_SPACE), override_text("tune.points_to_evaluate", [HAND_SET])])
+        search = run_search(search_cfg).table
+        front = search[search["pareto"]]
+        hand = {k: float(np.mean(grid["v2 (synthetic.yaml)"][k])) for k in ("val/dice", "val/mmse_mae")}
+        beats = front[(front["val/dice"] > hand["val/dice"]) & (front["val/mmse_mae"] < hand["val/mmse_mae"])]
+        shown = ["trial_id", *(f"param/{k}" for k in SEARCH_SPACE), "val/dice", "val/mmse_mae"]
+        console.print(front[shown].to_string(index=False))
+        console.print(f"hand-set v2 (grid mean): Dice {hand['val/dice']:.4f}, MMSE MAE {hand['val/mmse_mae']:.3f}; "
+                      f"Pareto trials better on both: {len(beats)}")
+        result |= {"search": search.drop(columns=["error"]).to_dict(orient="records"), "hand_set": hand,
+                   "pareto_beats_hand_set_on_both": beats["trial_id"].tolist()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "ablation.json"
-    out.write_text(json.dumps({
-        "date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-        "subjects": args.subjects, "minutes": args.minutes, "seeds": args.seeds, "overrides": args.overrides,
-        "arms": grid, "search": search.drop(columns=["error"]).to_dict(orient="records"),
-        "hand_set": hand, "pareto_beats_hand_set_on_both": beats["trial_id"].tolist()}, indent=2, default=str) + "\n")
+    out = RESULTS / f"{args.tag}.json"
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     console.print(f"wrote {out}")
 
 

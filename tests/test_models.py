@@ -346,9 +346,9 @@ def test_running_standardize_follows_its_recurrence_and_never_mixes_a_batch():
 
 def test_running_standardize_forgets_the_volumes_of_an_untrained_segmentation():
     """The first batches' masks are noise (a volume several times the structure's, or none); the estimates
-    must not carry them into the rest of training. Measured in a v2 run on MSD with the earlier default
-    (rate 0.02): after 216 batches the running variance was 30-60 times the predicted volumes' own, so the
-    heads saw the volume at a tenth of unit scale."""
+    must not carry them into the rest of training. With the earlier rate of 0.02 a v2 run on MSD ended with
+    a running variance many times the predicted volumes' own (benchmarks/README.md), so the heads saw the
+    volume at a fraction of unit scale."""
     from jointray.models.standardize import RunningStandardize
 
     g = torch.Generator().manual_seed(0)
