@@ -91,8 +91,8 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def write_checkpoint(folder: Path, state: dict[str, Any], cfg: Config, spec: PreprocessSpec, schema: ClinicalSchema,
                      metrics: dict[str, float], trained_heads: list[str] | None = None) -> None:
-    """Write ``state`` and its metadata into ``folder`` (created; must not exist yet)."""
-    folder.mkdir(parents=True)
+    """Write ``state`` and its metadata into ``folder`` (created if missing; any checkpoint in it is replaced)."""
+    folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / STATE_FILE)
     meta = {
         "sha256": _sha256(folder / STATE_FILE),

@@ -230,6 +230,20 @@ class CurriculumConfig(_Section):
         return v
 
 
+class RefitConfig(_Section):
+    """Refitting the outcome heads on the finished network's features (see :mod:`jointray.train.refit`)."""
+
+    enabled: bool = Field(
+        True, description="after training, refit the outcome heads of the best checkpoint on its own features"
+    )
+    epochs: int = Field(200, ge=1, description="passes over the training cases' cached features")
+    batch_size: int = Field(32, ge=2, description="cases per step (the Cox loss needs at least two)")
+    lr: float = Field(
+        1e-2, gt=0, description="peak AdamW learning rate of the refit, cosine-decayed to 0 (train.weight_decay "
+        "applies): a rate for small heads on fixed inputs, which the whole network could not take"
+    )
+
+
 class LossConfig(_Section):
     """Per-task objectives (see :mod:`jointray.losses`)."""
 
@@ -295,6 +309,7 @@ class TrainConfig(_Section):
     loss: LossConfig = LossConfig()
     balancer: BalancerConfig = BalancerConfig()
     curriculum: CurriculumConfig = CurriculumConfig()
+    refit: RefitConfig = RefitConfig()
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> TrainConfig:

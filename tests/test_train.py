@@ -66,6 +66,18 @@ def test_training_run_exports_a_verified_best_checkpoint(prepared, tmp_path):
     assert [m.step for m in history] == [0, 1]
     assert history[1].value == pytest.approx(result.final_metrics["val/dice"], abs=1e-6)
     assert loaded.trained_heads == ["mmse", "cdr", "risk"]  # every head saw targets in this cohort
+    # The exported best checkpoint is its epoch's, with the outcome heads refit and nothing else changed.
+    assert loaded.metrics == result.metrics
+    source = read_checkpoint(tmp_path / "basic" / f"epoch_{int(result.metrics['epoch']):04d}")
+    heads = {k for k in source.state["model"] if k.startswith("heads.")}
+    assert heads and any(not torch.equal(loaded.state["model"][k], source.state["model"][k]) for k in heads)
+    for key, tensor in source.state["model"].items():
+        if key not in heads:
+            torch.testing.assert_close(loaded.state["model"][key], tensor, rtol=0, atol=0, msg=key)
+    for name in ("mmse", "cdr", "risk"):
+        assert 0 <= result.metrics[f"refit/{name}_epoch"] <= cfg.train.refit.epochs
+    assert result.metrics["prerefit/val/mmse_mae"] == source.metrics["val/mmse_mae"]
+    assert result.metrics["val/dice"] == source.metrics["val/dice"]
 
 
 def test_trained_outcome_heads_are_reported_with_monte_carlo_intervals(prepared, one_epoch):

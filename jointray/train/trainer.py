@@ -3,7 +3,8 @@
 Everything that can be wrong with a request (missing shards, shards of another dataset or
 preprocessing, more workers than CPUs, a resumed run of another model) fails here, before any worker
 starts, with a message that says what to change. The run lands in ``<storage_path>/<train.name>/``
-and its best checkpoint (by ``val/score``) is exported to ``<storage_path>/<train.name>/best/``, on
+and its best checkpoint (by ``val/score``), its outcome heads refit on the trained network's features
+(:mod:`jointray.train.refit`), is exported to ``<storage_path>/<train.name>/best/``, on
 whatever filesystem ``storage_path`` names (a local folder, ``file://``, ``s3://``, ``gs://``):
 local and remote storage behave alike, including ``train.resume=false`` starting afresh.
 """
@@ -14,6 +15,7 @@ import copy
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -34,6 +36,7 @@ from jointray.data.shards import CLINICAL_PREFIX, SHARDS_DIR, SPEC_FILE, read_sp
 from jointray.data.streaming import DATA_TASK_CPUS, split_subjects, train_val_datasets
 from jointray.models import build_model
 from jointray.train.loop import threads_for, train_loop_per_worker
+from jointray.train.refit import refit_heads
 
 BEST_DIR = "best"
 FAULT_MARKER = ".fault_injected"
@@ -47,7 +50,7 @@ class TrainingDiverged(RuntimeError):
 class TrainResult:
     run_dir: Path | str  # a local folder, or a URI for remote storage
     best_dir: Path | str
-    metrics: dict[str, float]  # of the best checkpoint
+    metrics: dict[str, float]  # of the best checkpoint (after its heads were refit)
     final_metrics: dict[str, float]  # of the last epoch
 
 
@@ -173,19 +176,23 @@ def _check_resume(cfg: Config, storage: Storage, run_path: str) -> None:
                           f"use a new train.name")
 
 
-def _export_best(checkpoint: ray.train.Checkpoint, storage: Storage, run_path: str) -> None:
-    """Verify the best checkpoint and write it to ``<run>/best`` on the run's own filesystem."""
+def _export_best(checkpoint: ray.train.Checkpoint, storage: Storage, run_path: str,
+                 finish: Callable[[Path], dict[str, float] | None]) -> dict[str, float] | None:
+    """Verify the best checkpoint and write it to ``<run>/best`` on the run's own filesystem, after
+    ``finish`` (the head refit) has rewritten it locally; returns what ``finish`` returns."""
     with checkpoint.as_directory() as folder:
         if storage.local:
             export_checkpoint(Path(folder), Path(run_path) / BEST_DIR)
-            return
+            return finish(Path(run_path) / BEST_DIR)
         with tempfile.TemporaryDirectory() as tmp:
             export_checkpoint(Path(folder), Path(tmp) / BEST_DIR)
+            metrics = finish(Path(tmp) / BEST_DIR)
             # Object stores have no atomic rename: the old best/ goes first, then the new one is uploaded.
             if storage.exists(f"{run_path}/{BEST_DIR}"):
                 storage.fs.delete_dir(f"{run_path}/{BEST_DIR}")
             pafs.copy_files(str(Path(tmp) / BEST_DIR), f"{run_path}/{BEST_DIR}",
                             destination_filesystem=storage.fs)
+            return metrics
 
 
 def _mlflow_uri(cfg: Config, run_dir: Path, local: bool) -> str | None:
@@ -284,7 +291,8 @@ def run_training(cfg: Config, announce=print, cpus: float | None = None,
     if not scored:
         scored = result.best_checkpoints[-1:]
     checkpoint, metrics = max(scored, key=lambda cm: cm[1].get("val/score", -math.inf))
-    _export_best(checkpoint, storage, run_path)
+    refit = _export_best(checkpoint, storage, run_path, lambda best: refit_heads(best, train_ds, val_ds, announce))
+    metrics = refit or metrics
     return TrainResult(run_dir=run_dir, best_dir=storage.where(cfg.train.name, BEST_DIR), metrics=metrics,
                        final_metrics=result.metrics or {})
 
