@@ -80,6 +80,17 @@ def test_training_run_exports_a_verified_best_checkpoint(prepared, tmp_path):
     assert result.metrics["val/dice"] == source.metrics["val/dice"]
 
 
+def test_a_model_without_heads_is_exported_as_trained_from_data_with_outcomes(prepared, tmp_path):
+    """seg_only on a cohort with outcome targets: nothing to refit, the best checkpoint is its epoch's."""
+    result = run_training(_cfg(prepared, tmp_path, "train.name=seg", "train.epochs=1", "model.variant=seg_only"),
+                          announce=lambda _: None)
+    loaded, source = read_checkpoint(result.best_dir), read_checkpoint(tmp_path / "seg" / "epoch_0000")
+    assert not any(k.startswith(("refit/", "prerefit/")) for k in result.metrics)
+    assert loaded.metrics == source.metrics
+    for key, tensor in source.state["model"].items():
+        torch.testing.assert_close(loaded.state["model"][key], tensor, rtol=0, atol=0, msg=key)
+
+
 def test_trained_outcome_heads_are_reported_with_monte_carlo_intervals(prepared, one_epoch):
     import pandas as pd
 

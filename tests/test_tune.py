@@ -98,6 +98,7 @@ def test_multi_objective_search_with_a_failing_trial_and_two_trials_at_once(prep
     assert "TrainingDiverged" in failed["error"].iloc[0] and "non-finite" in failed["error"].iloc[0]
     done = table[table["status"] == "COMPLETE"]
     assert len(done) == 3 and done["val/dice"].notna().all() and done["val/mmse_mae"].notna().all()
+    assert (done["epochs"] == 1).all() and (done["best_epoch"] == 0).all()
     # Pareto: Optuna's front is exactly the non-dominated complete trials of the table, and is non-empty.
     objectives = {"val/dice": "max", "val/mmse_mae": "min"}
     front = set(table.loc[table["pareto"], "trial_id"])

@@ -148,8 +148,10 @@ def refit_heads(folder: Path, train_ds: ray.data.Dataset, val_ds: ray.data.Datas
     cfg, schema = checkpoint.config, checkpoint.schema
     if not cfg.train.refit.enabled or not checkpoint.trained_heads:
         return None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = to_layout(build_model(cfg.model, checkpoint.spec.channels, schema), cfg.train.channels_last)
+    if model.heads is None:  # seg_only: the data has outcome targets, the model no heads
+        return None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.load_state_dict(checkpoint.state["model"])
     model.to(device)
     autocast, _ = autocast_for(cfg.train.precision, device)

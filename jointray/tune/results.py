@@ -5,7 +5,8 @@ Written into the search folder by :func:`summarize`:
 - ``results.parquet`` and ``results.csv``: one row per trial: ``trial_id``, ``status`` (``COMPLETE``:
   trained to its end; ``STOPPED``: stopped early by ASHA; ``ERROR``: failed, ``error`` says why),
   the parameters (``param/<key>``), the metrics of the trial's best checkpoint (of its last epoch for a
-  stopped or failed trial), ``epochs`` trained, ``start``/``end`` (Unix time), ``time_s``,
+  stopped or failed trial), ``epochs`` trained, ``best_epoch`` (0-based; finished trials),
+  ``start``/``end`` (Unix time), ``time_s``,
   ``attempts`` (how often the trial was started: 2 after a resume continued it),
   ``resumed_from_epoch`` (the checkpoint its last attempt continued from; -1: from scratch), ``pareto``
   and ``checkpoint``.
@@ -101,7 +102,10 @@ def results_table(trials, trials_dir: Path) -> pd.DataFrame:
             **{f"param/{k}": v for k, v in sorted(trial.config.items())},
             **{k: float(v) for k, v in sorted(metrics.items())
                if k.startswith(("val/", "train/", "weight/", "worker/")) and isinstance(v, (int, float))},
-            "epochs": float(metrics.get("epoch", math.nan)) + 1,
+            # A finished trial's last report carries its best checkpoint's metrics, "epoch" the best one's;
+            # a stopped trial's is its last epoch's.
+            "epochs": float(metrics.get("epochs_trained", float(metrics.get("epoch", math.nan)) + 1)),
+            "best_epoch": float(metrics.get("best_epoch", math.nan)),
             "start": end - float(metrics.get("time_total_s", math.nan)), "end": end,
             "time_s": float(metrics.get("time_total_s", math.nan)),
             "attempts": _attempts(trials_dir / trial.trial_id),

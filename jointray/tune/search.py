@@ -99,8 +99,9 @@ def run_trial(params: dict[str, Any], *, base: str, folder: str, cpus: float) ->
     result = run_training(cfg, announce=lambda line: print(f"[{trial_id}] {line}", flush=True), cpus=cpus,
                           callbacks=[TuneReportCallback()])
     numbers = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    ray.tune.report(numbers | {"best_epoch": numbers.get("epoch", math.nan), "final": 1.0,
-                               "checkpoint_path": str(result.best_dir)})
+    trained = float(result.final_metrics.get("epoch", math.nan)) + 1  # the last epoch's, not the best's
+    ray.tune.report(numbers | {"best_epoch": numbers.get("epoch", math.nan), "epochs_trained": trained,
+                               "final": 1.0, "checkpoint_path": str(result.best_dir)})
 
 
 class EpochLines(ray.tune.Callback):
