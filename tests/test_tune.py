@@ -26,7 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 BASE = ["data.format=synthetic", "data.synthetic.n_subjects=20", "preprocess.target_shape=[48,48,48]",
         "train.batch_size=4", "train.n_folds=4", "train.patience=null", "model.channels=[8,16,32,64]",
         "data.clinical_columns={age: numeric, sex: categorical, education_years: numeric, apoe4: numeric}",
-        "train.workers=1"]
+        "train.workers=1",
+        # The head refit (tests/test_refit.py, tests/test_train.py) would add a driver-side pass to every trial.
+        "train.refit.enabled=false"]
 SPACE = ('tune.space={"train.lr": {"loguniform": [3.0e-4, 3.0e-3]}, "model.dropout": {"uniform": [0.0, 0.3]}, '
          '"model.channels": {"choice": [[8, 16, 32, 64], [4, 8, 16, 32]]}}')
 
