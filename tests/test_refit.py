@@ -44,8 +44,8 @@ def test_refit_fits_every_head_and_keeps_each_heads_best_state_on_validation():
     train, _ = _cohort(160, seed=1)
     val, z_val = _cohort(60, seed=2)
     before = _val_losses(heads, loss_fn, val)
-    kept = fit_heads(heads, loss_fn, train, val, ["mmse", "cdr", "risk"], RefitConfig(epochs=60, batch_size=32),
-                     lr=1e-2, weight_decay=1e-4, seed=0)
+    refit = RefitConfig(epochs=60, batch_size=32, lr=1e-2)
+    kept = fit_heads(heads, loss_fn, train, val, ["mmse", "cdr", "risk"], refit, weight_decay=1e-4, seed=0)
     after = _val_losses(heads, loss_fn, val)
     assert all(1 <= kept[name] <= 60 for name in kept), kept  # every head improved on its incoming state
     # The MMSE head recovers the slope (2.5 points per SD): the untrained head is flat at 26.
@@ -68,7 +68,8 @@ def test_refit_is_deterministic_by_seed_and_leaves_the_callers_random_state_alon
         torch.manual_seed(0)
         heads = OutcomeHeads(DIM, ["mmse", "risk"], cfg.cdr_classes, dropout=0.2)
         marker = torch.random.get_rng_state()
-        fit_heads(heads, loss_fn, train, val, ["mmse", "risk"], RefitConfig(epochs=5, batch_size=16), 2e-3, 0.0, seed=7)
+        refit = RefitConfig(epochs=5, batch_size=16, lr=2e-3)
+        fit_heads(heads, loss_fn, train, val, ["mmse", "risk"], refit, weight_decay=0.0, seed=7)
         assert torch.equal(torch.random.get_rng_state(), marker)
         states.append(heads.state_dict())
     for key in states[0]:
@@ -83,7 +84,8 @@ def test_a_head_without_validation_targets_is_kept_exactly_as_trained():
     original = {k: v.clone() for k, v in heads.state_dict().items()}
     train, _ = _cohort(64, seed=1)
     val, _ = _cohort(32, seed=2, cdr_missing=True)
-    kept = fit_heads(heads, loss_fn, train, val, ["mmse", "cdr"], RefitConfig(epochs=10, batch_size=16), 2e-3, 0.0, 0)
+    refit = RefitConfig(epochs=10, batch_size=16, lr=2e-3)
+    kept = fit_heads(heads, loss_fn, train, val, ["mmse", "cdr"], refit, weight_decay=0.0, seed=0)
     assert kept["cdr"] == 0 and kept["mmse"] > 0
     state = heads.state_dict()
     cdr_keys = [k for k in state if k.startswith(("trunk.cdr.", "out.cdr.")) or k == "cdr_bias"]

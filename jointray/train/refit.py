@@ -67,10 +67,10 @@ def _task_losses(heads: OutcomeHeads, loss_fn: JointLoss, data: HeadData, names:
 
 
 def fit_heads(heads: OutcomeHeads, loss_fn: JointLoss, train: HeadData, val: HeadData, names: list[str],
-              cfg: RefitConfig, lr: float, weight_decay: float, seed: int) -> dict[str, int]:
+              cfg: RefitConfig, weight_decay: float, seed: int) -> dict[str, int]:
     """Train ``heads`` in place on cached representations; each head ends in its best state on ``val``.
 
-    AdamW at ``lr`` with a cosine decay over the whole refit; every epoch a shuffled pass in batches of
+    AdamW at ``cfg.lr`` with a cosine decay over the whole refit; every epoch a shuffled pass in batches of
     ``cfg.batch_size`` (a last batch of one case is dropped: a Cox loss needs two). Deterministic by
     ``seed`` (shuffling and dropout), without touching the caller's random state.
 
@@ -89,7 +89,7 @@ def fit_heads(heads: OutcomeHeads, loss_fn: JointLoss, train: HeadData, val: Hea
     incoming, losses = heads.state_dict(), val_losses()
     best = {name: (losses.get(name, math.nan), 0, {k: incoming[k].clone() for k in _head_keys(heads, name)})
             for name in names}
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=weight_decay)
     steps = cfg.epochs * math.ceil(len(train.hidden) / cfg.batch_size)
     step = 0
     with torch.random.fork_rng(devices=[]):
@@ -100,7 +100,7 @@ def fit_heads(heads: OutcomeHeads, loss_fn: JointLoss, train: HeadData, val: Hea
                 if len(index) < 2:
                     continue
                 for group in optimizer.param_groups:
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                    group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
                 step += 1
                 # A task without targets in the batch contributes a 0 connected to the graph.
                 total = sum(_task_losses(heads, loss_fn, train.take(index), names).values())
@@ -169,7 +169,7 @@ def refit_heads(folder: Path, train_ds: ray.data.Dataset, val_ds: ray.data.Datas
     train = _head_data(model, batches(train_ds), cross, autocast)
     val = _head_data(model, batches(val_ds), cross, autocast)
     kept = fit_heads(heads, JointLoss(cfg.model, cfg.train.loss), train, val, checkpoint.trained_heads,
-                     cfg.train.refit, cfg.train.refit.lr, cfg.train.weight_decay, cfg.train.seed)
+                     cfg.train.refit, cfg.train.weight_decay, cfg.train.seed)
     structures = {k: v for k, v in cfg.data.label_names.items() if k != 0}
     records = predict_cases(model, batches(val_ds), cross, structures, autocast)
     before = checkpoint.metrics
