@@ -1,8 +1,8 @@
 """Which of v2's parts pay on the synthetic cohort? An ablation grid, then a search over loss weights and dropout.
 
-Arms, each against ``configs/synthetic.yaml``'s v2 (fixed task weights, curriculum on), one change at
+Arms, each against ``configs/synthetic.yaml``'s v2 (fixed task weights, no curriculum), one change at
 a time: attention gates off, FiLM + cross-attention fusion off, cross-task paths off, the adaptive
-``inverse_rate`` balancer instead of the fixed weights, curriculum off; plus ``dv1`` (the plain trunk)
+``inverse_rate`` balancer instead of the fixed weights, the curriculum on (its default phases); plus ``dv1`` (the plain trunk)
 and ``seg_only``. Every arm is a Ray Tune grid over ``train.seed`` (``--seeds``), run by
 ``jointray.tune.run_search`` (``searcher: grid``) with the same wall-clock budget per trial, the same
 subjects and the same fold-0 split; the seed changes initialisation, data order and augmentation,
@@ -52,7 +52,7 @@ ARMS = {
     "- FiLM/cross-attention": ["model.clinical_fusion=false"],
     "- cross-task paths": ["model.cross_task=false"],
     "+ adaptive balancer": ["train.balancer.kind=inverse_rate"],
-    "- curriculum": ["train.curriculum.enabled=false"],
+    "+ curriculum": ["train.curriculum.enabled=true"],
     "dv1": ["model.variant=dv1"],
     "seg_only": ["model.variant=seg_only"],
 }

@@ -216,7 +216,7 @@ def test_missing_task_is_skipped():
 
 def test_scales_multiply_each_balanced_term():
     balancer = FixedBalancer(TASKS, {"seg": 2.0})
-    phase = Curriculum(CurriculumConfig(), lr=1e-3).at(0.0)  # seg 0.8, outcome 0.2
+    phase = Curriculum(CurriculumConfig(enabled=True), lr=1e-3).at(0.0)  # seg 0.8, outcome 0.2
     losses = _losses(1.0, 2.0, 3.0)
     total = balancer(losses, scales=phase.scales(losses))
     assert total.item() == pytest.approx(0.8 * 2.0 * 1.0 + 0.2 * 2.0 + 0.2 * 3.0)
@@ -348,7 +348,7 @@ def test_balancer_config_ranges():
 )
 def test_curriculum_phase_boundaries(progress, index):
     """Phase rates are multiples of train.lr (1, 0.5, 0.2 by default), so train.lr=2e-3 doubles each."""
-    curriculum = Curriculum(load_config(None).train.curriculum, lr=2e-3)
+    curriculum = Curriculum(load_config(None, ["train.curriculum.enabled=true"]).train.curriculum, lr=2e-3)
     phase = curriculum.at(progress)
     assert phase.index == index
     assert (phase.seg, phase.outcome, phase.cross) == [(0.8, 0.2, 0.0), (0.6, 0.4, 0.3), (0.5, 0.5, 0.5)][index]
@@ -358,7 +358,7 @@ def test_curriculum_phase_boundaries(progress, index):
 
 
 def test_curriculum_progress_from_epochs_and_bad_input():
-    curriculum = Curriculum(CurriculumConfig(), lr=1e-3)
+    curriculum = Curriculum(CurriculumConfig(enabled=True), lr=1e-3)
     assert [curriculum.at(epoch / 10).index for epoch in range(10)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
     assert [(p.start, p.until) for p in curriculum.phases] == [(0.0, 0.3), (0.3, 0.6), (0.6, 1.0)]
     with pytest.raises(ValueError, match="progress must be in"):
@@ -367,8 +367,8 @@ def test_curriculum_progress_from_epochs_and_bad_input():
         curriculum.at(0.5).task_scale("volume")
 
 
-def test_disabled_curriculum_is_one_full_phase_at_train_lr():
-    cfg = load_config(None, ["train.curriculum.enabled=false", "train.lr=3e-4"]).train
+def test_the_default_no_curriculum_is_one_full_phase_at_train_lr():
+    cfg = load_config(None, ["train.lr=3e-4"]).train
     curriculum = Curriculum(cfg.curriculum, lr=cfg.lr)
     assert len(curriculum.phases) == 1
     phase = curriculum.at(0.5)
@@ -397,6 +397,6 @@ def test_invalid_phases_name_the_key(phases, message):
 
 
 def test_valid_custom_phases_load():
-    cfg = load_config(None, [_phases((0.5, 1, 0, 0), (1.0, 0.5, 0.5, 1))]).train.curriculum
+    cfg = load_config(None, ["train.curriculum.enabled=true", _phases((0.5, 1, 0, 0), (1.0, 0.5, 0.5, 1))]).train.curriculum
     assert [p.until for p in cfg.phases] == [0.5, 1.0]
     assert Curriculum(cfg, lr=1e-3).at(0.5).cross == 1.0

@@ -28,7 +28,7 @@ The curriculum decides what a phase emphasises; the balancer evens out loss magn
 speeds underneath. The adaptive balancers see the unscaled losses, so a phase change does not look to
 them like a jump in a task's loss.
 
-**Disabled**, training is one phase over [0, 1) with seg and outcome 1.0, ``cross`` 1.0 (the model as
+**Disabled** (the default: ``train.curriculum``), training is one phase over [0, 1) with seg and outcome 1.0, ``cross`` 1.0 (the model as
 designed, every interaction at full strength) and ``lr = train.lr``: the no-curriculum baseline. Its
 end state differs from the default schedule's (cross 0.5); for a comparison of the schedule alone, set
 the last phase's ``cross`` to 1.0.
