@@ -379,9 +379,10 @@ def demo(
         console.print("[red]error:[/red] the demo runs on the synthetic cohort (data.format=synthetic)")
         raise typer.Exit(2)
     # The search: the config's own tune section, else tune_synthetic's search (one worker per trial) over
-    # the demo's data, one epoch per trial so that the whole demo stays within ten minutes here.
+    # the demo's data, one epoch per trial so that the whole demo stays within ten minutes here. No head
+    # refit in those trials: after one epoch there is no representation worth refitting on.
     search_cfg = cfg if cfg.tune.space else _config("tune_synthetic", [
-        "train.epochs=1", *(overrides or []), override_text("data", cfg.model_dump(mode="json")["data"]),
+        "train.epochs=1", "train.refit.enabled=false", *(overrides or []), override_text("data", cfg.model_dump(mode="json")["data"]),
         override_text("tune.storage_path", cfg.train.storage_path)])
     # These take seconds to import (Ray, torch, MONAI): after the check, so that a wrong config fails at once.
     from jointray.data.prepare import prepare_dataset
