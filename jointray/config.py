@@ -92,8 +92,25 @@ class DataConfig(_Section):
         return v
 
 
+Range = tuple[float, float]
+
+
+def _ordered(name: str, value: Range) -> Range:
+    if value[0] > value[1]:
+        raise ValueError(f"{name}: [low, high] with low <= high, not {list(value)}")
+    return value
+
+
 class AugmentConfig(_Section):
-    """Training-time augmentation (MONAI random transforms), applied to training data only."""
+    """Training-time augmentation (MONAI random transforms), applied to training data only.
+
+    Every transform has its own probability per case. The defaults are a light set (mirroring, small
+    rotations and scaling, intensity jitter); ``configs/msd_hippocampus.yaml`` switches on nnU-Net's set
+    (Isensee et al., Nature Methods 2021; nnUNetTrainer's training transforms): rotation, scaling,
+    Gaussian noise and blur, brightness, contrast, simulated low resolution, gamma (also on the inverted
+    image) and mirroring, each with nnU-Net's probability and range. Elastic deformation, off by default
+    in nnU-Net v2, is available.
+    """
 
     enabled: bool = True
     flip_axes: list[int] = Field(
@@ -101,18 +118,70 @@ class AugmentConfig(_Section):
         description="RAS axes to mirror; 0 = left-right. Mirroring anterior-posterior would swap "
         "the meaning of anterior/posterior labels, so it is off by default",
     )
-    flip_prob: float = Field(0.5, ge=0, le=1)
-    affine_prob: float = Field(0.3, ge=0, le=1)
-    rotate_deg: float = Field(10.0, ge=0)
-    scale: float = Field(0.1, ge=0, lt=1)
+    flip_prob: float = Field(0.5, ge=0, le=1, description="probability of mirroring, per case and axis")
+    affine_prob: float = Field(0.3, ge=0, le=1, description="probability of a rotation + scaling")
+    rotate_deg: float | tuple[float, float, float] = Field(
+        10.0, description="largest rotation in degrees about each array axis (X, Y, Z): one number for all "
+        "three, or one per axis (e.g. less out of plane than in plane)")
+    scale: float | Range = Field(
+        0.1, description="zoom factor: s draws from [1 - s, 1 + s]; [low, high] draws from that range "
+        "(nnU-Net: [0.7, 1.4])")
+    elastic_prob: float = Field(0.0, ge=0, le=1, description="probability of an elastic deformation")
+    elastic_sigma: Range = Field((9.0, 13.0), description="smoothing of the displacement field, voxels")
+    elastic_magnitude: Range = Field((0.0, 900.0), description="scale of the smoothed displacement field "
+                                     "(batchgenerators' alpha)")
     shift_prob: float = Field(
         0.0, ge=0, le=1, description="probability of a random shift of the case within the training window: "
         "teaches the model that a structure can sit anywhere in it, which sliding-window inference over "
         "inputs larger than the window relies on"
     )
     shift_voxels: float = Field(0.0, ge=0, description="largest shift per axis, in voxels")
-    intensity_prob: float = Field(0.3, ge=0, le=1)
-    noise_std: float = Field(0.05, ge=0)
+    noise_prob: float = Field(0.3, ge=0, le=1, description="probability of additive Gaussian noise")
+    noise_std: float = Field(0.05, ge=0, description="largest noise SD (each case draws one from [0, noise_std])")
+    blur_prob: float = Field(0.0, ge=0, le=1, description="probability of a Gaussian blur")
+    blur_sigma: Range = Field((0.5, 1.0), description="blur SD in voxels, drawn per axis")
+    brightness_prob: float = Field(0.3, ge=0, le=1, description="probability of multiplying the intensities")
+    brightness: float = Field(0.1, ge=0, lt=1, description="the factor draws from [1 - b, 1 + b]")
+    offset_prob: float = Field(0.3, ge=0, le=1, description="probability of adding an intensity offset")
+    offset: float = Field(0.1, ge=0, description="the offset draws from [-o, o] (intensities are z-scored)")
+    contrast_prob: float = Field(0.0, ge=0, le=1, description="probability of a contrast change about the mean, "
+                                 "clipped to the case's intensity range")
+    contrast: float = Field(0.25, ge=0, lt=1, description="the factor draws from [1 - c, 1 + c]")
+    lowres_prob: float = Field(0.0, ge=0, le=1, description="probability of simulated low resolution: "
+                               "downsampled (nearest) and upsampled back (trilinear)")
+    lowres_zoom: Range = Field((0.5, 1.0), description="the downsampling factor's range")
+    gamma_prob: float = Field(0.0, ge=0, le=1, description="probability of a gamma transform (mean and SD kept)")
+    gamma_inverted_prob: float = Field(0.0, ge=0, le=1, description="probability of a gamma transform of the "
+                                       "inverted image")
+    gamma: Range = Field((0.7, 1.5), description="the gamma draws from this range")
+
+    @field_validator("rotate_deg")
+    @classmethod
+    def _rotation(cls, v: float | tuple[float, float, float]) -> float | tuple[float, float, float]:
+        if min(v if isinstance(v, tuple) else (v,)) < 0:
+            raise ValueError(f"rotations >= 0 degrees, not {v}")
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _zoom(cls, v: float | Range) -> float | Range:
+        low, high = (1 - v, 1 + v) if isinstance(v, float | int) else _ordered("scale", v)
+        if low <= 0:
+            raise ValueError(f"zoom factors > 0: scale {v} allows {low:g}")
+        return v
+
+    @field_validator("elastic_sigma", "elastic_magnitude", "blur_sigma", "lowres_zoom", "gamma")
+    @classmethod
+    def _range(cls, v: Range, info: ValidationInfo) -> Range:
+        if v[0] < 0 or (info.field_name in ("lowres_zoom", "gamma") and v[0] <= 0):
+            raise ValueError(f"{info.field_name}: positive bounds, not {list(v)}")
+        if info.field_name == "lowres_zoom" and v[1] > 1:
+            raise ValueError(f"lowres_zoom: factors up to 1 (a downsampling), not {list(v)}")
+        return _ordered(info.field_name, v)
+
+    def zoom_range(self) -> Range:
+        """The zoom factor's [low, high]."""
+        return (1 - self.scale, 1 + self.scale) if isinstance(self.scale, float | int) else tuple(self.scale)
 
 
 class ModelConfig(_Section):
@@ -271,12 +340,17 @@ class TrainConfig(_Section):
     n_folds: int = Field(5, ge=2)
     fold: int = Field(0, ge=0)
     batch_size: int = Field(4, ge=1, description="per worker")
-    epochs: int = Field(50, ge=1)
-    max_minutes: float | None = Field(None, gt=0, description="wall-clock budget: stop cleanly after it")
+    epochs: int = Field(50, ge=1, description="passes over the training cases; ignored when max_minutes is set")
+    max_minutes: float | None = Field(
+        None, gt=0, description="wall-clock budget of the training loop: when set, it alone ends the run (after "
+        "a final validation and checkpoint) and the learning-rate schedule and curriculum span it")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: float = Field(1.0, ge=0, description="linear learning-rate warm-up before the cosine decay")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null disables clipping")
+    ema: float | None = Field(
+        None, gt=0, lt=1, description="decay of an exponential moving average of the weights, updated every "
+        "step (e.g. 0.999); the average is what validation scores, checkpoints export and inference loads")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast on GPUs that support it, fp16 + GradScaler on older GPUs, "
         "fp32 on CPU, where bf16 is opt-in (it pays only on CPUs with native bf16: benchmarks/README.md)"

@@ -10,15 +10,23 @@ the epoch.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from monai.transforms import (
     Compose,
+    Rand3DElasticd,
+    RandAdjustContrastd,
     RandAffined,
     RandFlipd,
     RandGaussianNoised,
+    RandGaussianSmoothd,
     RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
+    RandSimulateLowResolutiond,
 )
 
 from jointray.config import AugmentConfig
@@ -34,21 +42,55 @@ def stream_seed(seed: int, stream: int, *keys: int) -> int:
 
 
 class Augmenter:
-    """MONAI random transforms of image (C, X, Y, Z) and label (X, Y, Z), one independent draw per case."""
+    """MONAI random transforms of image (C, X, Y, Z) and label (X, Y, Z), one independent draw per case.
+
+    In nnU-Net's order: spatial transforms (mirroring, rotation and scaling, elastic deformation, shift),
+    then intensity transforms (noise, blur, brightness, offset, contrast, low resolution, gamma of the
+    inverted image, gamma). The label follows every spatial transform by nearest-neighbour sampling.
+    A transform whose probability is 0 draws nothing and costs nothing.
+    """
 
     def __init__(self, cfg: AugmentConfig):
-        keys = ["image", "label"]
-        rotate = np.deg2rad(cfg.rotate_deg)
-        self.transform = Compose([
-            *[RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=axis) for axis in cfg.flip_axes],
-            RandAffined(keys, prob=cfg.affine_prob, rotate_range=(rotate,) * 3, scale_range=(cfg.scale,) * 3,
-                        mode=("bilinear", "nearest"), padding_mode="zeros"),
-            RandAffined(keys, prob=cfg.shift_prob, translate_range=(cfg.shift_voxels,) * 3,
-                        mode=("bilinear", "nearest"), padding_mode="zeros"),
-            RandScaleIntensityd("image", factors=0.1, prob=cfg.intensity_prob),
-            RandShiftIntensityd("image", offsets=0.1, prob=cfg.intensity_prob),
-            RandGaussianNoised("image", std=cfg.noise_std, prob=cfg.intensity_prob),
-        ])
+        keys, image = ["image", "label"], "image"
+        resample = {"mode": ("bilinear", "nearest"), "padding_mode": "zeros"}
+        degrees = cfg.rotate_deg if isinstance(cfg.rotate_deg, tuple) else (cfg.rotate_deg,) * 3
+        low, high = cfg.zoom_range()
+        candidates = [
+            *[(cfg.flip_prob, lambda p, axis=axis: RandFlipd(keys, prob=p, spatial_axis=axis)) for axis in cfg.flip_axes],
+            (cfg.affine_prob, lambda p: RandAffined(keys, prob=p, rotate_range=tuple(np.deg2rad(degrees)),
+                                                    scale_range=((low - 1, high - 1),) * 3, **resample)),
+            (cfg.elastic_prob, lambda p: Rand3DElasticd(keys, sigma_range=cfg.elastic_sigma, prob=p,
+                                                        magnitude_range=cfg.elastic_magnitude, **resample)),
+            (cfg.shift_prob, lambda p: RandAffined(keys, prob=p, translate_range=(cfg.shift_voxels,) * 3, **resample)),
+            (cfg.noise_prob, lambda p: RandGaussianNoised(image, std=cfg.noise_std, prob=p)),
+            (cfg.blur_prob, lambda p: RandGaussianSmoothd(image, sigma_x=cfg.blur_sigma, sigma_y=cfg.blur_sigma,
+                                                          sigma_z=cfg.blur_sigma, prob=p)),
+            (cfg.brightness_prob, lambda p: RandScaleIntensityd(image, factors=cfg.brightness, prob=p)),
+            (cfg.offset_prob, lambda p: RandShiftIntensityd(image, offsets=cfg.offset, prob=p)),
+            (cfg.contrast_prob, lambda p: RandScaleIntensityFixedMeand(image, factors=cfg.contrast, preserve_range=True,
+                                                                       prob=p)),
+            (cfg.lowres_prob, lambda p: RandSimulateLowResolutiond(image, zoom_range=cfg.lowres_zoom, prob=p)),
+            (cfg.gamma_inverted_prob, lambda p: RandAdjustContrastd(image, gamma=cfg.gamma, invert_image=True,
+                                                                    retain_stats=True, prob=p)),
+            (cfg.gamma_prob, lambda p: RandAdjustContrastd(image, gamma=cfg.gamma, retain_stats=True, prob=p)),
+        ]
+        self.transform = Compose([make(prob) for prob, make in candidates if prob > 0])
+
+    def ahead(self, batches: Iterable[dict[str, np.ndarray]], seed: Callable[[int], int]) -> Iterator[dict[str, np.ndarray]]:
+        """``batches`` augmented, batch i with ``seed(i)``, one batch ahead in a background thread: batch
+        i + 1 is transformed while the caller trains on batch i. MONAI's and torch's kernels release the
+        GIL, so where a core is free the trainer need not wait for its data. The result is the same as
+        augmenting in line, whatever the timing; a caller that stops early waits for at most the one
+        batch in flight."""
+        with ThreadPoolExecutor(1, thread_name_prefix="augment") as pool:
+            pending = None
+            for index, batch in enumerate(batches):
+                submitted = pool.submit(self, batch, seed(index))
+                if pending is not None:
+                    yield pending.result()
+                pending = submitted
+            if pending is not None:
+                yield pending.result()
 
     def __call__(self, batch: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
         """A copy of ``batch`` (NumPy columns; image (B, C, X, Y, Z), label (B, X, Y, Z)) with every case

@@ -29,6 +29,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from jointray.artifacts import read_checkpoint, write_checkpoint
 from jointray.config import Config
@@ -60,10 +61,12 @@ def lr_factor(step: int, warmup_steps: int, progress: float) -> float:
 
 
 def training_progress(step: int, total_steps: int, warmup_steps: int, elapsed_s: float, budget_s: float) -> float:
-    """How far the run is, 0 → 1: by steps, or by the wall-clock budget when that ends it sooner, so a
-    time-limited run still anneals its learning rate and walks through every curriculum phase."""
-    by_steps = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min(1.0, max(by_steps, elapsed_s / budget_s))
+    """How far the run is, 0 → 1: by steps after the warm-up, or, with a wall-clock budget (finite
+    ``budget_s``), by the time spent, so that the learning rate anneals to 0 and the curriculum ends its
+    last phase exactly when the budget does, however many epochs fit in it."""
+    if math.isfinite(budget_s):
+        return min(1.0, elapsed_s / budget_s)
+    return min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
 
 
 def threads_for(cpus: float) -> int:
@@ -159,9 +162,9 @@ class JointTrainer:
     def run(self) -> None:
         self.setup()
         train = self.cfg.train
-        while self.epoch < train.epochs and not self.stop:
+        while (self.epoch < train.epochs or math.isfinite(self.budget_s)) and not self.stop:
             phase = self.curriculum.at(self.progress(self.epoch * self.steps_per_epoch, warmup=0))
-            losses, cases, seconds = self.train_epoch(phase)
+            losses, cases, seconds, waited = self.train_epoch(phase)
             # A non-finite loss on any rank ends the run after this epoch (the driver reports it as an
             # error): its weights are garbage, and predicting with them proves nothing.
             diverged = self.comms.max(float(not all(math.isfinite(v) for v in losses.values()))) > 0
@@ -179,7 +182,11 @@ class JointTrainer:
                 "epoch": self.epoch, "step": self.step, "nodes": self.nodes, "val/score": score,
                 "lr": self.optimizer.param_groups[0]["lr"], "cross": phase.cross, "elapsed_s": elapsed,
                 "cases_per_s": self.comms.world * cases / max(seconds, 1e-9), "stopped": float(self.stop),
-                "eta_s": elapsed / (self.epoch + 1) * (train.epochs - self.epoch - 1),
+                # The share of the epoch the slowest rank's training step stood idle, waiting for its data
+                # (reading, shuffling, augmentation): above a few per cent the data path starves the trainer.
+                "data_wait": self.comms.max(waited / max(seconds, 1e-9)),
+                "eta_s": (max(0.0, self.budget_s - elapsed) if math.isfinite(self.budget_s)
+                          else elapsed / (self.epoch + 1) * (train.epochs - self.epoch - 1)),
                 "worker/cpus": self.cpus, "worker/threads": torch.get_num_threads(),
                 "resumed_from_epoch": self.resumed_from,
             }
@@ -218,6 +225,10 @@ class JointTrainer:
             {"params": [p for p in self.balancer.parameters() if p.requires_grad], "weight_decay": 0.0},
         ], lr=cfg.train.lr)
         self.autocast, self.scaler = autocast_for(cfg.train.precision, device)
+        # Polyak averaging (torch.optim.swa_utils): buffers too, so the average's normalisation statistics
+        # belong to its own weights. Every rank updates it from identical weights, so it stays identical.
+        self.ema = None if cfg.train.ema is None else AveragedModel(
+            self.unwrapped, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True)
         self.augment = Augmenter(cfg.train.augment) if cfg.train.augment.enabled else None
         self.structures = {k: v for k, v in cfg.data.label_names.items() if k != 0}
         self.fault_marker = Path(lc["fault_marker"]) if lc.get("fault_marker") else None
@@ -232,8 +243,9 @@ class JointTrainer:
         self.budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
         self.started = time.perf_counter() - self.elapsed_before
 
-    def train_epoch(self, phase: Phase) -> tuple[dict[str, float], int, float]:
-        """One pass over this worker's shard: (mean loss per task over workers, cases, seconds)."""
+    def train_epoch(self, phase: Phase) -> tuple[dict[str, float], int, float, float]:
+        """One pass over this worker's shard: (mean loss per task over workers, cases, seconds, seconds the
+        step waited for its batch)."""
         cfg, rank = self.cfg.train, self.comms.rank
         self.model.train()
         self.balancer.train()
@@ -243,20 +255,23 @@ class JointTrainer:
         batches = ray.train.get_dataset_shard("train").iter_batches(
             batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=SHUFFLE_BUFFER,
             local_shuffle_seed=stream_seed(cfg.seed, SHUFFLE, self.epoch, rank))
-        for index, raw in enumerate(batches):
+        if self.augment is not None:
+            batches = self.augment.ahead(batches, lambda i: stream_seed(cfg.seed, AUGMENT, self.epoch, rank, i))
+        waited, ready = 0.0, started
+        for raw in batches:
+            waited += time.perf_counter() - ready
             self.step += 1
             self.inject_fault()
             elapsed = self.shared_elapsed()
             progress = training_progress(self.step - 1, self.total_steps, self.warmup_steps, elapsed, self.budget_s)
             for group in self.optimizer.param_groups:
                 group["lr"] = phase.lr * lr_factor(self.step - 1, self.warmup_steps, progress)
-            if self.augment is not None:
-                raw = self.augment(raw, stream_seed(cfg.seed, AUGMENT, self.epoch, rank, index))
             batch = to_model_batch(raw, self.schema, self.comms.device, cfg.channels_last)
             for name, value in self.train_step(batch, phase).items():
                 sums[name] = sums.get(name, 0.0) + value * batch.size
                 counts[name] = counts.get(name, 0) + batch.size
             cases += batch.size
+            ready = time.perf_counter()
             if elapsed > self.budget_s:
                 self.stop = True  # the budget is spent: validate and checkpoint this partial epoch, then end
                 break
@@ -264,13 +279,15 @@ class JointTrainer:
         # DDP averages gradients, not buffers: each rank's last forward updated its own BatchNorm running
         # statistics (the attention gates'). Every rank validates, and rank 0 saves, rank 0's.
         self.comms.broadcast_buffers(self.unwrapped)
+        if self.ema is not None:
+            self.comms.broadcast_buffers(self.ema.module)
         # Each rank's own means: a rank whose loss turned non-finite must not be averaged away.
         mine = {k: sums[k] / counts[k] for k in sums}
         losses = self.comms.mean(mine)
         if not all(math.isfinite(v) for v in mine.values()):
             losses = {k: math.nan for k in losses}
         self.balancer.epoch_end({k: v for k, v in losses.items() if math.isfinite(v)})
-        return losses, cases, seconds
+        return losses, cases, seconds, waited
 
     def train_step(self, batch: ModelBatch, phase: Phase) -> dict[str, float]:
         """Forward, balanced loss, backward, optimizer step: this batch's loss per task."""
@@ -295,6 +312,8 @@ class JointTrainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.unwrapped)
         return {k: float(v.detach()) for k, v in task_losses.items()}
 
     @torch.no_grad()
@@ -312,7 +331,7 @@ class JointTrainer:
                     yield to_model_batch({k: np.asarray(v)[keep] for k, v in raw.items()}, self.schema,
                                          comms.device, train.channels_last)
 
-        records = predict_cases(self.unwrapped, mine(), phase.cross, self.structures, self.autocast)
+        records = predict_cases(self.served, mine(), phase.cross, self.structures, self.autocast)
         records = [r for part in comms.gather(records) for r in part]
         return self.unvalidated() | validation_metrics(records, self.structures, self.cfg.model.cdr_classes)
 
@@ -329,13 +348,15 @@ class JointTrainer:
         if self.comms.rank != 0:
             ray.train.report(metrics)
             return
-        print(epoch_line(metrics, self.cfg.train.epochs), flush=True)
+        print(epoch_line(metrics, None if math.isfinite(self.budget_s) else self.cfg.train.epochs), flush=True)
         state = {
-            "model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": self.served.state_dict(), "optimizer": self.optimizer.state_dict(),
             "balancer": self.balancer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {},
             "epoch": self.epoch, "step": self.step, "best": self.best, "stale": self.stale,
             "elapsed_s": metrics["elapsed_s"], "rng": rngs,
         }
+        if self.ema is not None:  # "model" is the average; training continues from these
+            state |= {"training_model": self.unwrapped.state_dict(), "ema_updates": int(self.ema.n_averaged)}
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "ckpt"
             finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
@@ -353,7 +374,12 @@ class JointTrainer:
         device = self.comms.device
         with checkpoint.as_directory() as folder:
             state = read_checkpoint(folder, map_location="cpu").state
-        self.unwrapped.load_state_dict(state["model"])
+        self.unwrapped.load_state_dict(state.get("training_model", state["model"]))
+        if self.ema is not None:
+            if "training_model" not in state:
+                raise ValueError("train.ema is set, but the checkpoint to resume from was trained without it")
+            self.ema.module.load_state_dict(state["model"])
+            self.ema.n_averaged.fill_(state["ema_updates"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.balancer.load_state_dict(state["balancer"])
         if self.scaler is not None and state.get("scaler"):
@@ -387,6 +413,12 @@ class JointTrainer:
     @property
     def unwrapped(self) -> JointModel:
         return self.model.module if hasattr(self.model, "module") else self.model
+
+    @property
+    def served(self) -> JointModel:
+        """The weights that validation scores and checkpoints export: the moving average when ``train.ema``
+        is set, else the trained weights."""
+        return self.ema.module if self.ema is not None else self.unwrapped
 
     def progress(self, step: int, warmup: int) -> float:
         return training_progress(step, self.total_steps, warmup, self.shared_elapsed(), self.budget_s)

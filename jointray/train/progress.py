@@ -16,15 +16,17 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
-def epoch_line(metrics: dict[str, float], epochs: int) -> str:
-    """``epoch 3/20 | loss seg 0.41 mmse 1.2 | w seg 0.9 mmse 1.1 | val dice 0.81 ... | 12.3 cases/s | eta 2m10s``"""
+def epoch_line(metrics: dict[str, float], epochs: int | None) -> str:
+    """``epoch 3/20 | loss seg 0.41 mmse 1.2 | w seg 0.9 mmse 1.1 | val dice 0.81 ... | 12.3 cases/s | eta 2m10s``
+    (``epoch 3 | ...`` when a time budget, not an epoch count, ends the run)."""
     losses = " ".join(f"{k.removeprefix('train/')} {v:.3f}" for k, v in sorted(metrics.items())
                       if k.startswith("train/"))
     weights = " ".join(f"{k.removeprefix('weight/')} {v:.2f}" for k, v in sorted(metrics.items())
                        if k.startswith("weight/"))
     val = " ".join(f"{k.removeprefix('val/')} {metrics[k]:.3f}" for k in _SHOWN_VALIDATION
                    if k in metrics and not math.isnan(metrics[k]))
-    return (f"epoch {int(metrics['epoch']) + 1}/{epochs} | loss {losses} | w {weights} | val {val} | "
+    of = f"/{epochs}" if epochs is not None else ""
+    return (f"epoch {int(metrics['epoch']) + 1}{of} | loss {losses} | w {weights} | val {val} | "
             f"{metrics['cases_per_s']:.1f} cases/s | eta {_duration(metrics['eta_s'])}")
 
 

@@ -52,6 +52,8 @@ SEARCH_CONFIG = "search.yaml"
 SEARCH_STATE = "search.json"
 TUNE_DIR = "tune"
 ATTEMPTS_FILE = "attempts.jsonl"
+#: ASHA's max_t for a trial that a time budget ends: more epochs than any budget holds.
+UNBOUNDED_EPOCHS = 10**6
 
 
 @dataclass
@@ -107,8 +109,8 @@ def run_trial(params: dict[str, Any], *, base: str, folder: str, cpus: float) ->
 class EpochLines(ray.tune.Callback):
     """One console line per trial event: each epoch's objectives, completion, failure."""
 
-    def __init__(self, objectives: list[str], epochs: int):
-        self.objectives, self.epochs = objectives, epochs
+    def __init__(self, objectives: list[str], epochs: int | None):
+        self.objectives, self.of = objectives, f"/{epochs}" if epochs is not None else ""
 
     def _values(self, result: dict[str, Any]) -> str:
         return " ".join(f"{k.removeprefix('val/')} {result[k]:.4g}" for k in self.objectives
@@ -116,7 +118,7 @@ class EpochLines(ray.tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if not result.get("final"):
-            print(f"trial {trial.trial_id} epoch {int(result.get('epoch', -1)) + 1}/{self.epochs} "
+            print(f"trial {trial.trial_id} epoch {int(result.get('epoch', -1)) + 1}{self.of} "
                   f"{self._values(result)}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -156,8 +158,10 @@ def _scheduler(cfg: Config) -> ASHAScheduler | None:
     if t.scheduler != "asha":
         return None
     (metric, mode), = t.objectives.items()
-    # +1: the trial's last report (the best checkpoint's metrics) comes after its last epoch.
-    return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode, max_t=cfg.train.epochs + 1,
+    # +1: the trial's last report (the best checkpoint's metrics) comes after its last epoch. Under a time
+    # budget the epochs are not known in advance, and ASHA must not cut a trial before its schedule ends.
+    max_t = cfg.train.epochs + 1 if cfg.train.max_minutes is None else UNBOUNDED_EPOCHS
+    return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode, max_t=max_t,
                          grace_period=t.grace_epochs, reduction_factor=t.reduction_factor)
 
 
@@ -177,7 +181,7 @@ def _run_config(cfg: Config, folder: Path) -> ray.tune.RunConfig:
         name=TUNE_DIR, storage_path=str(folder),
         # A failed trial is recorded as failed and the search goes on; retrying it would fail the same way.
         failure_config=ray.tune.FailureConfig(max_failures=0),
-        callbacks=[EpochLines(list(cfg.tune.objectives), cfg.train.epochs)], verbose=0,
+        callbacks=[EpochLines(list(cfg.tune.objectives), cfg.train.epochs if cfg.train.max_minutes is None else None)], verbose=0,
     )
 
 
