@@ -1,13 +1,14 @@
 """What augmentation costs, and whether it starves the trainer.
 
 1. **Per transform**, on real MSD hippocampus cases prepared by ``configs/msd_hippocampus.yaml``
-   (1 × 48 × 64 × 48): milliseconds per case for each transform of the config's nnU-Net set, applied
+   (1 × 48 × 64 × 48): milliseconds per case for each transform of nnU-Net's set
+   (``configs/msd_nnunet_augment.yaml``), applied
    with probability 1 (what one application costs), then for the whole set at the config's
    probabilities (what an average case costs), beside the training step's own cost per case (forward,
    loss, backward and AdamW of the config's model at its batch size and precision, in this process with
    2 torch threads).
 2. **In the trainer**: ``jointray train`` on ``--cases`` MSD cases for ``--epochs`` epochs, once with
-   the default light augmentation and once with the config's nnU-Net set (after a one-epoch warm-up
+   the default light augmentation and once with nnU-Net's set (after a one-epoch warm-up
    run, whose figures are discarded: the first run in a fresh Ray instance pays its start-up costs),
    reporting training cases/s
    and ``data_wait`` (the share of the epoch the training step stood idle waiting for its batch;
@@ -94,9 +95,9 @@ def step_cost_ms(cfg, batch: dict[str, np.ndarray], schema, steps: int) -> float
     return (time.perf_counter() - started) / (steps * model_batch.size) * 1000
 
 
-def in_trainer(base: list[str], name: str, extra: list[str], epochs: int) -> dict[str, float]:
+def in_trainer(config: str, base: list[str], name: str, extra: list[str], epochs: int) -> dict[str, float]:
     """The last epoch's training cases/s and data wait of a ``jointray train`` run."""
-    cfg = load_config(REPO / "configs" / "msd_hippocampus.yaml",
+    cfg = load_config(REPO / "configs" / config,
                       [*base, f"train.name={name}", f"train.epochs={epochs}", *extra])
     final = run_training(cfg, announce=lambda _: None).final_metrics
     return {"cases_per_s": final["cases_per_s"], "data_wait": final["data_wait"]}
@@ -120,7 +121,7 @@ def main() -> None:
     (subset / "dataset.json").write_text(json.dumps(meta | {"training": entries, "numTraining": len(entries)}))
     base = [f"data.root={subset}", f"data.output={OUT / 'prepared'}", f"train.storage_path={OUT / 'runs'}",
             "train.patience=null", *args.overrides]
-    cfg = load_config(REPO / "configs" / "msd_hippocampus.yaml", base)
+    cfg = load_config(REPO / "configs" / "msd_nnunet_augment.yaml", base)
     init_ray(cfg.ray)
     prepare_dataset(cfg)
     train_ids, _ = split_subjects(cfg.data.output, cfg.train.n_folds, cfg.train.fold, cfg.train.seed)
@@ -130,9 +131,10 @@ def main() -> None:
     costs = transform_costs(cfg, batch, args.repeats)
     step = step_cost_ms(cfg, batch, schema, steps=5)
     light = [f"train.augment.{k}={json.dumps(v)}" for k, v in AugmentConfig().model_dump().items()]
-    in_trainer(base, "warm_up", light, 1)  # the first run in a fresh Ray instance pays its start-up costs
-    runs = {"default light set": in_trainer(base, "light", light, args.epochs),
-            "nnU-Net set (msd_hippocampus.yaml)": in_trainer(base, "nnunet", [], args.epochs)}
+    in_trainer("msd_hippocampus.yaml", base, "warm_up", light, 1)  # a fresh Ray instance's start-up costs
+    runs = {"default light set": in_trainer("msd_hippocampus.yaml", base, "light", light, args.epochs),
+            "nnU-Net set (msd_nnunet_augment.yaml)": in_trainer("msd_nnunet_augment.yaml", base, "nnunet", [],
+                                                                args.epochs)}
 
     console = Console(width=160)
     table = Table(title=f"augmentation cost per case, 1 x {' x '.join(map(str, cfg.preprocess.target_shape))}, "

@@ -165,7 +165,7 @@ class AugmentConfig(_Section):
     @field_validator("scale")
     @classmethod
     def _zoom(cls, v: float | Range) -> float | Range:
-        low, high = (1 - v, 1 + v) if isinstance(v, float | int) else _ordered("scale", v)
+        low = 1 - v if isinstance(v, float | int) else _ordered("scale", v)[0]
         if low <= 0:
             raise ValueError(f"zoom factors > 0: scale {v} allows {low:g}")
         return v

@@ -6,14 +6,14 @@ import threading
 
 import numpy as np
 import pytest
-
 from conftest import REPO, shared_data
+
 from jointray.config import ConfigError, load_config
 from jointray.data.augment import AUGMENT, Augmenter, stream_seed
 from jointray.data.preprocess import preprocess_case
 from jointray.data.volumes import read_volume
 
-MSD = REPO / "configs" / "msd_hippocampus.yaml"
+MSD = REPO / "configs" / "msd_nnunet_augment.yaml"
 #: Every transform off: a test switches on the one it examines.
 NOTHING = ["train.augment.flip_prob=0", "train.augment.affine_prob=0", "train.augment.shift_prob=0",
            "train.augment.noise_prob=0", "train.augment.blur_prob=0", "train.augment.brightness_prob=0",
@@ -41,7 +41,7 @@ def _only(*overrides: str) -> Augmenter:
     return Augmenter(load_config(MSD, [*NOTHING, *overrides]).train.augment)
 
 
-def test_msd_config_switches_on_nnunets_transforms_and_a_zero_probability_draws_nothing():
+def test_the_nnunet_config_switches_on_nnunets_transforms_and_a_zero_probability_draws_nothing():
     names = [type(t).__name__ for t in Augmenter(load_config(MSD).train.augment).transform.transforms]
     assert names == ["RandFlipd", "RandAffined", "RandAffined", "RandGaussianNoised", "RandGaussianSmoothd",
                      "RandScaleIntensityd", "RandScaleIntensityFixedMeand", "RandSimulateLowResolutiond",
@@ -111,7 +111,7 @@ def test_spatial_transforms_move_image_and_label_together(batch):
 def test_augmenting_one_batch_ahead_gives_what_augmenting_in_line_gives(batch):
     augment = Augmenter(load_config(MSD).train.augment)
     batches = [{k: v[i:i + 2] for k, v in batch.items()} for i in (0, 2, 0, 2)]
-    seed = lambda i: stream_seed(0, AUGMENT, 1, 0, i)  # noqa: E731
+    seed = lambda i: stream_seed(0, AUGMENT, 1, 0, i)
     inline = [augment(b, seed(i)) for i, b in enumerate(batches)]
     ahead = list(augment.ahead(iter(batches), seed))
     assert len(ahead) == 4

@@ -8,7 +8,7 @@ from jointray.data.spec import PreprocessSpec
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["synthetic.yaml", "msd_hippocampus.yaml"])
+@pytest.mark.parametrize("name", ["synthetic.yaml", "msd_hippocampus.yaml", "msd_nnunet_augment.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / name)
     assert isinstance(cfg, Config)

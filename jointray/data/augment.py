@@ -56,7 +56,8 @@ class Augmenter:
         degrees = cfg.rotate_deg if isinstance(cfg.rotate_deg, tuple) else (cfg.rotate_deg,) * 3
         low, high = cfg.zoom_range()
         candidates = [
-            *[(cfg.flip_prob, lambda p, axis=axis: RandFlipd(keys, prob=p, spatial_axis=axis)) for axis in cfg.flip_axes],
+            *[(cfg.flip_prob, lambda p, axis=axis: RandFlipd(keys, prob=p, spatial_axis=axis))
+              for axis in cfg.flip_axes],
             (cfg.affine_prob, lambda p: RandAffined(keys, prob=p, rotate_range=tuple(np.deg2rad(degrees)),
                                                     scale_range=((low - 1, high - 1),) * 3, **resample)),
             (cfg.elastic_prob, lambda p: Rand3DElasticd(keys, sigma_range=cfg.elastic_sigma, prob=p,
@@ -76,7 +77,8 @@ class Augmenter:
         ]
         self.transform = Compose([make(prob) for prob, make in candidates if prob > 0])
 
-    def ahead(self, batches: Iterable[dict[str, np.ndarray]], seed: Callable[[int], int]) -> Iterator[dict[str, np.ndarray]]:
+    def ahead(self, batches: Iterable[dict[str, np.ndarray]],
+              seed: Callable[[int], int]) -> Iterator[dict[str, np.ndarray]]:
         """``batches`` augmented, batch i with ``seed(i)``, one batch ahead in a background thread: batch
         i + 1 is transformed while the caller trains on batch i. MONAI's and torch's kernels release the
         GIL, so where a core is free the trainer need not wait for its data. The result is the same as
