@@ -1,7 +1,7 @@
 """Accuracy on real MRI: ``v2`` trained on MSD Task04 hippocampus cases under a wall-clock budget.
 
 The whole path a user runs — ``jointray prepare``, ``jointray train`` with
-``configs/msd_hippocampus.yaml``, then ``jointray evaluate`` of the best checkpoint — on a local Ray
+``configs/msd_hippocampus.yaml`` (or ``--config``), then ``jointray evaluate`` of the best checkpoint — on a local Ray
 instance, with the outcome heads masked (this data has no clinical targets).
 
 An inner split keeps the reported figure honest. Before anything is prepared, a test part of the
@@ -19,7 +19,7 @@ Prints per-structure Dice, HD95 (a missed structure scores the image diagonal) a
 nnU-Net's Dice and writes JSON. The two MSD lists (``dataset.json`` with absolute paths: the data
 stays in place) are written under ``--split-dir``.
 
-    python benchmarks/accuracy_msd.py [--minutes 20] [--root ../shared/data/msd_hippocampus] [key=value ...]
+    python benchmarks/accuracy_msd.py [--minutes 20] [--config msd_nnunet_augment.yaml] [key=value ...]
     python benchmarks/accuracy_msd.py --checkpoint runs/bench_msd/best   # evaluate a checkpoint of this split only
 
 MSD Task04 Hippocampus: Simpson et al., arXiv:1902.09063, CC-BY-SA 4.0.
@@ -92,6 +92,8 @@ def validation_folder(cfg, folder: Path) -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "msd_hippocampus"))
+    parser.add_argument("--config", default="msd_hippocampus.yaml",
+                        help="a config in configs/, e.g. msd_nnunet_augment.yaml (nnU-Net's augmentation)")
     parser.add_argument("--minutes", type=float, default=20.0, help="train.max_minutes")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of the cases held out as the test set")
     parser.add_argument("--test-seed", type=int, default=0, help="seed of the test draw")
@@ -105,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     console = Console(width=180)
-    config = REPO / "configs" / "msd_hippocampus.yaml"
+    config = REPO / "configs" / args.config
     label_names = load_config(config, args.overrides).data.label_names
     pool, test_folder, test_ids = hold_out(Path(args.root), label_names, args.test_fraction, args.test_seed,
                                            Path(args.split_dir))
@@ -162,7 +164,7 @@ def main() -> None:
                   f"{m['cases_per_s']:.1f} training cases/s")
     summary = {
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "minutes": cfg.train.max_minutes, "overrides": args.overrides, "pool_cases": cases,
+        "minutes": cfg.train.max_minutes, "config": args.config, "overrides": args.overrides, "pool_cases": cases,
         "validation_cases": int(m["val/cases"]), "test_cases": len(test_ids), "test_fraction": args.test_fraction,
         "test_seed": args.test_seed, "test_subjects": sorted(test_ids), "structures": rows,
         "best_epoch": int(m["epoch"]), "epochs_run": epochs_run, "cases_per_s": m["cases_per_s"],
