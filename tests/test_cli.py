@@ -62,11 +62,13 @@ def test_version_prints_the_installed_package_version(tmp_path):
 def test_builtin_configs_are_the_packages_and_the_repository_folder_links_to_them():
     from jointray import builtin_configs
 
-    assert builtin_configs.names() == ["msd_hippocampus", "synthetic", "tune_msd", "tune_synthetic"]  # serve.yaml is a Serve config file
+    assert builtin_configs.names() == ["msd_hippocampus", "msd_nnunet_augment", "synthetic", "tune_msd",
+                                       "tune_synthetic"]  # serve.yaml is a Serve config file
     assert builtin_configs.FOLDER == REPO / "jointray" / "configs"
     assert (REPO / "configs").resolve() == builtin_configs.FOLDER.resolve()
     assert sorted(p.name for p in builtin_configs.FOLDER.glob("*.yaml")) == [
-        "msd_hippocampus.yaml", "serve.yaml", "synthetic.yaml", "tune_msd.yaml", "tune_synthetic.yaml"]
+        "msd_hippocampus.yaml", "msd_nnunet_augment.yaml", "serve.yaml", "synthetic.yaml", "tune_msd.yaml",
+        "tune_synthetic.yaml"]
 
 
 @pytest.mark.parametrize("name", ["synthetic", "msd_hippocampus"])
@@ -96,7 +98,7 @@ def test_an_unknown_config_fails_listing_the_builtin_names(tmp_path, monkeypatch
         result, output = invoke("config", value)
         assert result.exit_code == 2
         assert output == (f"error: config {value} does not exist: not a file, nor a built-in config "
-                          "(built-in: msd_hippocampus, synthetic, tune_msd, tune_synthetic)")
+                          "(built-in: msd_hippocampus, msd_nnunet_augment, synthetic, tune_msd, tune_synthetic)")
 
 
 def test_config_applies_overrides_and_its_output_loads_back_as_the_same_config(tmp_path):
