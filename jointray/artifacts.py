@@ -11,8 +11,14 @@ An **exported artifact** (:func:`export_artifact`) is what a server needs and no
 (the model's state dict), ``config.yaml``, ``spec.json``, ``schema.json``, ``metrics.json`` and, last,
 ``artifact.json`` with the SHA-256 of every other file. No optimiser state travels to a server.
 
-:func:`load_model` reads either kind into a :class:`ModelArtifact`; training and inference both use
-this module, so inference never imports ``jointray.train``.
+An **ensemble** folder (:func:`write_ensemble`; ``jointray train --all-folds`` writes one beside its
+folds) holds ``ensemble.json``: its members (checkpoints or exported models, as paths relative to the
+folder) and the post-processing chosen on their out-of-fold predictions. The members answer as one,
+their class probabilities averaged (nnU-Net's cross-validation ensemble, Isensee et al. 2021).
+
+:func:`load_model` reads a checkpoint or an exported artifact into a :class:`ModelArtifact`,
+:func:`load_models` any of the three (or a list of models) into an :class:`Ensemble`; training and
+inference both use this module, so inference never imports ``jointray.train``.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ MODEL_FILE = "model.pt"
 ARTIFACT_FILE = "artifact.json"
 ARTIFACT_FORMAT = "jointray-model"
 ARTIFACT_VERSION = 1
+ENSEMBLE_FILE = "ensemble.json"
+ENSEMBLE_FORMAT = "jointray-ensemble"
 #: Validation metrics that show a head saw targets, for checkpoints written before heads were recorded.
 _HEAD_EVIDENCE = {"mmse": "val/mmse_mae", "cdr": "val/cdr_qwk", "risk": "val/c_index"}
 
@@ -185,14 +193,17 @@ def _load_exported(folder: Path, map_location) -> ModelArtifact:
 
 
 def read_config(folder: str | Path) -> Config:
-    """The config a checkpoint or exported artifact was trained with, without reading its weights."""
+    """The config a checkpoint or exported artifact was trained with (an ensemble's first member's), without
+    reading its weights."""
     folder = Path(folder)
+    if (folder / ENSEMBLE_FILE).is_file():
+        return read_config(_ensemble_manifest(folder)[0][0])
     if (folder / ARTIFACT_FILE).is_file() and (folder / "config.yaml").is_file():
         return Config.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
     if (folder / META_FILE).is_file():
         return Config.model_validate(json.loads((folder / META_FILE).read_text())["config"])
-    raise CheckpointError(f"{folder}: not a complete jointray checkpoint ({META_FILE} and {STATE_FILE} needed) "
-                          f"or exported model ({ARTIFACT_FILE} and {MODEL_FILE} needed)")
+    raise CheckpointError(f"{folder}: not a complete jointray checkpoint ({META_FILE} and {STATE_FILE} needed), "
+                          f"exported model ({ARTIFACT_FILE} and {MODEL_FILE} needed) or ensemble ({ENSEMBLE_FILE})")
 
 
 def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> ModelArtifact:
@@ -208,3 +219,101 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     return ModelArtifact(state_dict=loaded.state["model"], config=loaded.config, spec=loaded.spec,
                          schema=loaded.schema, metrics=loaded.metrics, trained_heads=loaded.trained_heads,
                          version=json.loads((folder / META_FILE).read_text())["sha256"][:12], source=str(folder))
+
+
+@dataclass
+class Ensemble:
+    """Models that answer as one (one model is an ensemble of one).
+
+    ``largest_component``: the structures (label names) of which only the largest connected component is
+    kept after prediction; ``version``: the model's id for clients — the member's own, or a digest of the
+    members' for several; ``metrics``: the member's validation metrics, or an ensemble folder's
+    out-of-fold figures (``out_of_fold/...``).
+    """
+
+    members: list[ModelArtifact]
+    largest_component: list[str]
+    version: str
+    source: str
+    metrics: dict[str, float]
+
+
+def write_ensemble(folder: str | Path, members: list[str | Path], largest_component: list[str],
+                   cross_validation: dict[str, float] | None = None) -> Path:
+    """Write ``<folder>/ensemble.json`` listing ``members`` (made relative to ``folder`` where they lie under
+    it, so the folder can move) after checking they load together; ``cross_validation``: the out-of-fold
+    figures behind ``largest_component`` (the ensemble's metrics, ``out_of_fold/<name>``). Returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    listed = []
+    for member in map(Path, members):
+        resolved = member.resolve()
+        listed.append(str(resolved.relative_to(folder.resolve())) if resolved.is_relative_to(folder.resolve())
+                      else str(resolved))
+    manifest = {"format": ENSEMBLE_FORMAT, "format_version": 1, "members": listed,
+                "postprocess": {"largest_component": list(largest_component)},
+                "cross_validation": cross_validation or {}}
+    _write_text_atomic(folder / ENSEMBLE_FILE, json.dumps(manifest, indent=2) + "\n")
+    load_models(folder)
+    return folder
+
+
+def _ensemble_manifest(folder: Path) -> tuple[list[Path], list[str], dict[str, float]]:
+    """(member folders, largest-component structures, out-of-fold metrics) of an ensemble folder."""
+    path = folder / ENSEMBLE_FILE
+    try:
+        manifest = json.loads(path.read_text())
+        members = [folder / member for member in manifest["members"]]
+        largest = list(manifest["postprocess"]["largest_component"])
+        metrics = {f"out_of_fold/{k}": float(v) for k, v in manifest.get("cross_validation", {}).items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: not a {ENSEMBLE_FORMAT} manifest ({type(exc).__name__}: {exc})") from exc
+    if manifest.get("format") != ENSEMBLE_FORMAT or not members:
+        raise CheckpointError(f"{path}: not a {ENSEMBLE_FORMAT} manifest, or it lists no members")
+    return members, largest, metrics
+
+
+def _features(schema: ClinicalSchema) -> tuple[list[str], list[str]]:
+    """The clinical features a model reads (numeric, categorical), without the statistics each fold fitted."""
+    return [f.name for f in schema.numeric], [f.name for f in schema.categorical]
+
+
+def load_models(source: str | Path | list[str | Path], map_location: str | torch.device = "cpu") -> Ensemble:
+    """A checkpoint, an exported model, an ensemble folder, or a list of any of these (their members pooled,
+    post-processing only from a single ensemble folder), verified to take the same input the same way:
+    one PreprocessSpec, clinical features (each member keeps its own normalisation), label names, outcome
+    heads with targets, and cross-task strength."""
+    sources = [Path(p) for p in source] if isinstance(source, (list, tuple)) else [Path(source)]
+    if not sources:
+        raise CheckpointError("no model given")
+    folders: list[Path] = []
+    largest: list[str] = []
+    metrics: dict[str, float] = {}
+    for path in sources:
+        if (path / ENSEMBLE_FILE).is_file():
+            members, largest_here, metrics_here = _ensemble_manifest(path)
+            folders += members
+            if len(sources) == 1:
+                largest, metrics = largest_here, metrics_here
+        else:
+            folders.append(path)
+    members = [load_model(folder, map_location) for folder in folders]
+    first = members[0]
+    if len(members) == 1 and not metrics:
+        metrics = first.metrics
+    for member in members[1:]:
+        for what, a, b in [("PreprocessSpec", first.spec.digest(), member.spec.digest()),
+                           ("clinical features", _features(first.schema), _features(member.schema)),
+                           ("label names", first.config.data.label_names, member.config.data.label_names),
+                           ("outcome heads with targets", first.trained_heads, member.trained_heads),
+                           ("cross-task strength", first.metrics.get("cross"), member.metrics.get("cross"))]:
+            if a != b:
+                raise CheckpointError(f"{member.source} and {first.source} cannot answer as one: their {what} differ")
+    unknown = set(largest) - set(first.config.data.label_names.values())
+    if unknown:
+        raise CheckpointError(f"{sources[0] / ENSEMBLE_FILE}: post-processing names unknown structures "
+                              f"{sorted(unknown)}")
+    version = first.version if len(members) == 1 else hashlib.sha256(
+        " ".join(m.version for m in members).encode()).hexdigest()[:12]
+    return Ensemble(members=members, largest_component=largest, version=version,
+                    source=", ".join(str(p) for p in sources), metrics=metrics)

@@ -120,10 +120,15 @@ def prepare(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     config: str = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    all_folds: bool = typer.Option(False, "--all-folds", help="cross-validation: train every fold (train.folds "
+                                   "lists some) and write their ensemble, <storage_path>/<name>/ensemble.json"),
     overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. train.epochs=5"),
 ) -> None:
-    """Train the joint model on Ray Train from prepared shards; prints where the best checkpoint is."""
+    """Train the joint model on Ray Train from prepared shards; prints where the best checkpoint (or the
+    cross-validation's ensemble) is."""
     cfg = _config(config, overrides)
+    if all_folds:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"folds": list(range(cfg.train.n_folds))})})
     with _usage_errors():
         check_train(cfg)
     # These take seconds to import (Ray, torch, MONAI): after the checks, so that a typo fails at once.
@@ -132,10 +137,24 @@ def train(
     from jointray.train.trainer import TrainingDiverged, run_training
 
     init_ray(cfg.ray)
+    if cfg.train.folds is None:
+        with _usage_errors(TrainingDiverged):
+            result = run_training(cfg, announce=console.print)
+        console.print(summary_table(result.metrics, f"jointray train: {cfg.train.name} (best checkpoint)"))
+        console.print(f"best checkpoint: {result.best_dir}")
+        return
+    from jointray.train.folds import run_cross_validation
+
     with _usage_errors(TrainingDiverged):
-        result = run_training(cfg, announce=console.print)
-    console.print(summary_table(result.metrics, f"jointray train: {cfg.train.name} (best checkpoint)"))
-    console.print(f"best checkpoint: {result.best_dir}")
+        folds = run_cross_validation(cfg, announce=console.print)
+    for k, result in sorted(folds.folds.items()):
+        console.print(summary_table(result.metrics, f"fold {k}: {result.best_dir}"))
+    console.print(summary_table({f"val/{k}": v for k, v in folds.out_of_fold.items()},
+                                f"jointray train: {cfg.train.name}, out-of-fold "
+                                "(each fold's own validation cases)"))
+    kept = ", ".join(folds.largest_component) or "none"
+    console.print(f"largest connected component kept for: {kept}")
+    console.print(f"ensemble of {len(folds.folds)} folds: {folds.ensemble_dir}")
 
 
 def _print_search(summary) -> None:
@@ -212,7 +231,9 @@ def _print_evaluation(report) -> None:
 
 @app.command()
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="checkpoint folder, e.g. runs/<name>/best"),
+    checkpoint: list[Path] = typer.Option(..., "--checkpoint", help="checkpoint folder (runs/<name>/best), exported "
+                                          "model or ensemble (runs/<name> after --all-folds); repeat it to "
+                                          "average several models"),
     data: Path = typer.Option(..., "--data", help="MSD folder, manifest CSV/Parquet, NIfTI folder or DICOM series"),
     out: Path = typer.Option(..., "--out", help="output folder: masks/, cases.csv, summary.json"),
     labels: Path = typer.Option(None, "--labels", help="for a NIfTI folder: reference labels under the same names"),
@@ -221,9 +242,10 @@ def evaluate(
     batch_size: int = typer.Option(2, "--batch-size", min=1),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="test-time mirroring along the axes training mirrored"),
 ) -> None:
-    """Run a checkpoint over a dataset on Ray Data: masks in each input's own space, per-case CSV, JSON summary."""
+    """Run a model over a dataset on Ray Data: masks in each input's own space, per-case CSV, JSON summary."""
     with _usage_errors():
-        check_evaluate(checkpoint, data, labels)
+        for folder in checkpoint:
+            check_evaluate(folder, data, labels)
     # These take seconds to import (Ray, torch, MONAI): after the checks, so that a typo fails at once.
     from jointray.artifacts import CheckpointError, read_config
     from jointray.config import RayConfig
@@ -231,7 +253,8 @@ def evaluate(
     from jointray.runtime import init_ray
 
     with _usage_errors(CheckpointError):
-        read_config(checkpoint)  # a folder that is not a checkpoint (runs/<name> for runs/<name>/best) fails here
+        for folder in checkpoint:
+            read_config(folder)  # a folder that is not a model (a single run's runs/<name>, say) fails here
     init_ray(RayConfig())
     with _usage_errors(CheckpointError):
         report = run_evaluation(checkpoint, data, out, labels=labels, workers=workers, batch_size=batch_size,
@@ -326,7 +349,8 @@ def _print_predictions(answers: list[tuple[str, dict]]) -> None:
 def predict(
     files: list[Path] = typer.Argument(..., help="NIfTI files, DICOM series folders or zips of one series"),
     url: str = typer.Option(None, "--url", help="a running server, e.g. http://127.0.0.1:8000 (else in-process)"),
-    checkpoint: Path = typer.Option(None, "--checkpoint", help="without --url: the model to run in-process"),
+    checkpoint: list[Path] = typer.Option(None, "--checkpoint", help="without --url: the model to run in-process "
+                                          "(repeat it to average several)"),
     clinical: str = typer.Option(None, "--clinical", help='clinical record as JSON, e.g. \'{"age": 71}\''),
     out: Path = typer.Option(None, "--out", help="folder for the masks (default: beside each input)"),
     mc_samples: int = typer.Option(None, "--mc-samples", help="Monte Carlo samples (default from the model)"),
@@ -338,7 +362,7 @@ def predict(
 
     from jointray.inference.client import predict_local, predict_remote
 
-    if (url is None) == (checkpoint is None):
+    if (url is None) == (not checkpoint):
         console.print("[red]error:[/red] give --url (a running server) or --checkpoint (run in-process), not both")
         raise typer.Exit(2)
     try:

@@ -338,7 +338,14 @@ class TrainConfig(_Section):
     resume: bool = Field(False, description="continue <storage_path>/<name> from its last checkpoint instead of starting over")
     seed: int = Field(0, ge=0)
     n_folds: int = Field(5, ge=2)
-    fold: int = Field(0, ge=0)
+    fold: int | Literal["all"] = Field(
+        0, description="the validation fold of a single run; all: nnU-Net's 'all' fold, every case trains and the "
+        "last checkpoint is kept (validation then scores training cases: a monitor, never a choice)")
+    folds: list[int] | None = Field(
+        None, description="cross-validation: train these folds as separate runs, <name>/fold_<k>, and make their "
+        "ensemble <name>/ensemble.json (`jointray train --all-folds`: all of them); null: one run of `fold`")
+    concurrent_folds: int | None = Field(
+        None, ge=1, description="folds trained at once; null: as many as the cluster's CPUs (GPUs) fit")
     batch_size: int = Field(4, ge=1, description="per worker")
     epochs: int = Field(50, ge=1, description="passes over the training cases; ignored when max_minutes is set")
     max_minutes: float | None = Field(
@@ -392,8 +399,14 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> TrainConfig:
-        if self.fold >= self.n_folds:
-            raise ValueError(f"fold={self.fold} must be < n_folds={self.n_folds}")
+        if self.fold == "all":
+            if self.patience is not None:
+                raise ValueError("fold=all validates on training cases, which must not stop the run: set patience=null")
+        elif not 0 <= self.fold < self.n_folds:
+            raise ValueError(f"fold={self.fold} must be 'all' or from 0 to n_folds-1={self.n_folds - 1}")
+        if self.folds is not None and (not self.folds or len(set(self.folds)) != len(self.folds)
+                                       or not all(0 <= k < self.n_folds for k in self.folds)):
+            raise ValueError(f"folds={self.folds} must list distinct folds from 0 to n_folds-1={self.n_folds - 1}")
         return self
 
 

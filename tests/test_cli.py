@@ -185,8 +185,8 @@ def test_evaluate_with_a_folder_that_is_no_checkpoint_fails_before_ray_starts(tm
     (tmp_path / "cases").mkdir()
     result, output = invoke("evaluate", "--checkpoint", "runs", "--data", "cases", "--out", "out")
     assert result.exit_code == 2
-    assert output == ("error: runs: not a complete jointray checkpoint (meta.json and checkpoint.pt needed) or "
-                      "exported model (artifact.json and model.pt needed)")
+    assert output == ("error: runs: not a complete jointray checkpoint (meta.json and checkpoint.pt needed), "
+                      "exported model (artifact.json and model.pt needed) or ensemble (ensemble.json)")
 
 
 def test_evaluate_with_missing_data_or_labels_fails_before_ray_starts(tmp_path, monkeypatch, no_ray):

@@ -40,7 +40,7 @@ def test_bad_value_names_key_value_and_expectation():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["preprocess.intensity.mode=minmax"])
     assert "preprocess.intensity.mode: got 'minmax'" in str(err.value) and "'zscore' or 'percentile'" in str(err.value)
-    with pytest.raises(ConfigError, match="fold=5 must be < n_folds=5"):
+    with pytest.raises(ConfigError, match="fold=5 must be 'all' or from 0 to n_folds-1=4"):
         load_config(None, ["train.fold=5"])
 
 

@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -119,6 +120,39 @@ def test_missing_or_corrupt_checkpoints_fail_first(checkpoint, tmp_path):
         evaluate(tmp_path / "nothing", tmp_path, tmp_path / "out")
     with pytest.raises(ConfigError, match="does not exist"):
         evaluate(checkpoint, tmp_path / "nowhere", tmp_path / "out")
+
+
+def test_several_models_answer_as_one_only_when_they_take_the_same_input(checkpoint, tmp_path):
+    """Two copies of one model average to that model (bit for bit: (p + p) / 2 = p), through the Ray Data
+    actors; a model prepared differently, or a broken ensemble manifest, is refused before any actor starts."""
+    from jointray.artifacts import CheckpointError, read_checkpoint, write_checkpoint, write_ensemble
+    from jointray.data.sources import scan_msd
+
+    msd = shared_data("msd_hippocampus")
+    held_out, _ = _msd_subset(msd, tmp_path / "held_out", TRAIN_CASES + 12, 2)
+    report = evaluate([checkpoint, checkpoint], held_out, tmp_path / "eval")
+    assert report.predicted == 2 and report.checkpoint.count(",") == 1
+    single = Predictor(checkpoint, device="cpu")
+    for record in scan_msd(held_out, single.config.data.label_names).records:
+        written = np.asarray(nib.load(tmp_path / "eval" / "masks" / Path(record.images[0]).name).dataobj)
+        np.testing.assert_array_equal(written, single.predict(record).mask)
+
+    loaded = read_checkpoint(checkpoint)
+    other = loaded.spec.model_copy(update={"target_spacing": (1.5, 1.5, 1.5)})
+    write_checkpoint(tmp_path / "other", loaded.state, loaded.config, other, loaded.schema, loaded.metrics,
+                     loaded.trained_heads)
+    with pytest.raises(CheckpointError, match="cannot answer as one: their PreprocessSpec differ"):
+        evaluate([checkpoint, tmp_path / "other"], held_out, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="cannot answer as one"):
+        write_ensemble(tmp_path / "mixed", [checkpoint, tmp_path / "other"], [])
+    write_ensemble(tmp_path / "ensemble", [checkpoint], ["anterior"])
+    manifest = tmp_path / "ensemble" / "ensemble.json"
+    manifest.write_text(manifest.read_text().replace('"anterior"', '"amygdala"'))
+    with pytest.raises(CheckpointError, match=r"post-processing names unknown structures \['amygdala'\]"):
+        Predictor(tmp_path / "ensemble", device="cpu")
+    manifest.write_text("{}")
+    with pytest.raises(CheckpointError, match="not a jointray-ensemble manifest"):
+        evaluate(tmp_path / "ensemble", held_out, tmp_path / "out")
 
 
 def _icc_2_1(pred: np.ndarray, ref: np.ndarray) -> float:

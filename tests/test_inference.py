@@ -102,7 +102,7 @@ def test_mc_modes_do_less_work_than_full_passes(predictor):
     ``heads`` fewer through the decoder; every mode draws all T samples."""
     image, _ = _held_out(2)
     case = predictor.prepare((np.asarray(image.dataobj), image.affine), name="case")
-    model = predictor.model
+    model = predictor.models[0]
     seen = {"encoder": 0, "decoder": 0}
 
     def count(name):
@@ -146,6 +146,7 @@ def test_probabilities_are_mapped_back_before_the_argmax():
 
     predictor = object.__new__(Predictor)  # finish reads only these settings, no network
     predictor.structures, predictor.trained_heads, predictor.inference = {1: "structure"}, [], InferenceConfig()
+    predictor.largest_component = []
     case = PreparedCase(name="sheet", image=np.zeros((1, 16, 16, 16), np.float32), geometry=geometry, clinical={},
                         window=(16, 16, 16))
     result = ForwardResult(probabilities=probabilities, entropy=np.zeros((16,) * 3, np.float32),
@@ -179,7 +180,7 @@ def test_an_exported_model_predicts_exactly_what_its_checkpoint_does(msd_checkpo
     assert sorted(p.name for p in exported.iterdir()) == ["artifact.json", "config.yaml", "metrics.json", "model.pt",
                                                           "schema.json", "spec.json"]
     weights = torch.load(exported / "model.pt", weights_only=True)
-    assert set(weights) == set(predictor.model.state_dict())  # the weights and nothing else: no optimizer state
+    assert set(weights) == set(predictor.models[0].state_dict())  # the weights and nothing else: no optimizer state
     loaded = load_model(exported)
     assert loaded.trained_heads == [] and loaded.spec == predictor.spec  # MSD has no clinical targets
     image, _ = _held_out(3)

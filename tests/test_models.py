@@ -279,7 +279,7 @@ def test_test_time_mirroring_is_exactly_equivariant():
     def predict(x, mirrors):
         settings = ForwardSettings(cross=1.0, mirrors=mirrors, chunk_cases=8, autocast=contextlib.nullcontext,
                                    channels_last=False)
-        return deterministic_probabilities(model, x, clinical, torch.ones(x.shape[0]), settings)
+        return deterministic_probabilities([model], x, [clinical], torch.ones(x.shape[0]), settings)
 
     torch.testing.assert_close(predict(image.flip(2), mirrors), predict(image, mirrors).flip(2), rtol=0, atol=1e-6)
     with torch.no_grad():

@@ -5,6 +5,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from jointray.artifacts import STATE_FILE, CheckpointError, export_checkpoint, r
 from jointray.config import ConfigError, load_config
 from jointray.data.prepare import prepare_dataset
 from jointray.data.streaming import split_subjects
+from jointray.train.folds import plan_folds, run_cross_validation
 from jointray.train.trainer import FAULT_MARKER, plan_placement, run_training
 
 #: Small and fast: 20 synthetic subjects, 48³, augmentation off so two runs with one seed are comparable.
@@ -36,10 +38,21 @@ def _cfg(prepared, tmp_path, *extra):
 
 
 @pytest.fixture(scope="module")
-def one_epoch(prepared, tmp_path_factory):
-    """One run of one epoch, ``<storage>/one``, shared by the tests that only read it."""
-    storage = tmp_path_factory.mktemp("one_epoch")
-    return storage, run_training(_cfg(prepared, storage, "train.name=one", "train.epochs=1"), announce=lambda _: None)
+def cross_validation(prepared, tmp_path_factory):
+    """Folds 0 and 1 of 4, one epoch each, trained side by side (half a CPU per worker), and their ensemble:
+    ``<storage>/cv``."""
+    storage = tmp_path_factory.mktemp("cross_validation")
+    cfg = _cfg(prepared, storage, "train.name=cv", "train.epochs=1", "train.folds=[0,1]", "train.cpus_per_worker=0.5")
+    assert plan_folds(cfg, 2) == (2, 1.0)
+    return cfg, run_cross_validation(cfg, announce=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def one_epoch(cross_validation):
+    """One run of one epoch, ``<storage>/fold_0`` (the cross-validation's first fold), shared by the tests
+    that only read it."""
+    cfg, folds = cross_validation
+    return Path(cfg.train.storage_path) / "cv", folds.folds[0]
 
 
 def test_training_run_exports_a_verified_best_checkpoint(prepared, tmp_path):
@@ -191,16 +204,21 @@ def test_two_workers_resume_to_the_same_weights_validating_every_subject_once_wi
     assert clean.final_metrics["step"] == 2 * 2  # ceil(15 / 2 workers / batch 4) = 2 steps an epoch
 
 
-def test_the_wall_clock_budget_ends_the_run_with_a_validated_checkpoint(prepared, tmp_path):
+def test_the_wall_clock_budget_ends_an_all_cases_run_whose_last_checkpoint_is_exported(prepared, tmp_path):
     # With a budget, train.epochs no longer ends the run: one epoch takes a few seconds, and the run goes
     # on for the whole 15-second budget, then stops, still validated and saved.
-    result = run_training(_cfg(prepared, tmp_path, "train.name=budget", "train.epochs=1", "train.max_minutes=0.25"),
-                          announce=lambda _: None)
+    result = run_training(_cfg(prepared, tmp_path, "train.name=budget", "train.epochs=1", "train.max_minutes=0.25",
+                               "train.fold=all"), announce=lambda _: None)
     assert result.final_metrics["stopped"] == 1.0 and result.final_metrics["epoch"] >= 1
     assert result.final_metrics["elapsed_s"] >= 15
     assert math.isfinite(result.final_metrics["val/dice"])
     last = read_checkpoint(max((tmp_path / "budget").glob("epoch_*"))).state
     assert last["epoch"] == result.final_metrics["epoch"]
+    # nnU-Net's "all" fold: every subject trains (and is validated on, as a monitor); the last checkpoint
+    # is exported as trained, without choosing by score or refitting the heads on training cases.
+    best = read_checkpoint(result.best_dir)
+    assert best.state["epoch"] == last["epoch"] and result.metrics["val/cases"] == 20
+    assert not any(k.startswith(("refit/", "prerefit/")) for k in best.metrics)
     # The budget, not the epoch count, set the schedule: the learning rate annealed to zero by its end.
     assert result.final_metrics["lr"] < 1e-5
 
@@ -229,6 +247,8 @@ def test_bad_requests_fail_before_training(prepared, tmp_path):
         plan_placement(_cfg(prepared, tmp_path, "train.workers=3"))
     with pytest.raises(ConfigError, match="no prepared shards at /nonexistent"):
         run_training(_cfg(prepared, tmp_path, "train.prepared=/nonexistent"))
+    with pytest.raises(ConfigError, match="fold=all validates on training cases"):
+        _cfg(prepared, tmp_path, "train.fold=all", "train.patience=5")
     with pytest.raises(ConfigError, match="train.balancer.kind: got 'magic'"):
         _cfg(prepared, tmp_path, "train.balancer.kind=magic")
     with pytest.raises(ConfigError, match="prepare again with this config"):
@@ -240,6 +260,58 @@ def test_bad_requests_fail_before_training(prepared, tmp_path):
 def test_resuming_another_model_variant_is_refused(prepared, one_epoch):
     storage, _ = one_epoch
     with pytest.raises(ConfigError, match="holds a run of model v2 .* this config asks for dv1"):
-        run_training(_cfg(prepared, storage, "train.name=one", "train.resume=true", "model.variant=dv1"))
-    meta = json.loads(next((storage / "one").glob("epoch_*/meta.json")).read_text())
+        run_training(_cfg(prepared, storage, "train.name=fold_0", "train.resume=true", "model.variant=dv1"))
+    meta = json.loads(next((storage / "fold_0").glob("epoch_*/meta.json")).read_text())
     assert meta["config"]["model"]["variant"] == "v2"
+
+
+def test_cross_validation_ensembles_its_folds_and_chooses_post_processing_out_of_fold(prepared, cross_validation,
+                                                                                        tmp_path):
+    """Each fold validated on its own quarter; the out-of-fold figures are each fold's checkpoint on its own
+    validation cases (Dice as the Predictor scores them, with MONAI); the ensemble folder's probabilities are
+    the folds' mean, and its post-processing is applied to the mask."""
+    from jointray.artifacts import write_ensemble
+    from jointray.data.sources import scan_source
+    from jointray.inference.postprocess import keep_largest_component
+    from jointray.inference.predictor import Predictor
+
+    cfg, folds = cross_validation
+    root, _ = prepared
+    ensemble = Path(cfg.train.storage_path) / "cv"
+    manifest = json.loads((ensemble / "ensemble.json").read_text())
+    assert manifest["members"] == ["fold_0/best", "fold_1/best"]
+    assert manifest["postprocess"]["largest_component"] == folds.largest_component
+    records = {r.subject_id: r for r in scan_source(cfg.data).records}
+    names = ("anterior", "posterior")
+    dice = {name: [] for name in names}
+    for k in (0, 1):
+        _, val_ids = split_subjects(root / "prepared", 4, k, cfg.train.seed)
+        assert folds.folds[k].metrics["val/cases"] == len(val_ids) == 5
+        predictor = Predictor(folds.folds[k].best_dir, device="cpu")
+        for subject in val_ids:
+            scored = predictor.predict(records[subject]).metrics
+            for name in names:
+                dice[name].append(scored[f"dice/{name}"])
+    oof = folds.out_of_fold
+    assert oof["cases"] == 10
+    for name in names:
+        assert oof[f"dice_as_predicted/{name}"] == pytest.approx(np.mean(dice[name]), abs=1e-6), name
+        kept = name in folds.largest_component
+        assert kept == (oof[f"dice_largest_component/{name}"] > oof[f"dice_as_predicted/{name}"])
+        assert oof[f"dice/{name}"] == oof[f"dice_largest_component/{name}" if kept else f"dice_as_predicted/{name}"]
+
+    members = [Predictor(folds.folds[k].best_dir, device="cpu") for k in (0, 1)]
+    both = Predictor(ensemble, device="cpu")
+    assert both.version not in {m.version for m in members} and both.metrics["out_of_fold/cases"] == 10
+    case = both.prepare(records[min(records)])
+    mean = (members[0].forward([case])[0].probabilities + members[1].forward([case])[0].probabilities) / 2
+    np.testing.assert_allclose(both.forward([case])[0].probabilities, mean, rtol=0, atol=1e-6)
+    sampled = both.forward([case], 6, "full")[0]
+    assert sampled.sample_volumes.shape == (6, 2) and sampled.outcome_samples["mmse"].shape == (6,)
+
+    pooled = Predictor([folds.folds[0].best_dir, folds.folds[1].best_dir], device="cpu")
+    plain = pooled.finish(case, pooled.forward([case])[0], 1, "heads").mask
+    write_ensemble(tmp_path / "largest", [folds.folds[0].best_dir, folds.folds[1].best_dir], list(names))
+    largest = Predictor(tmp_path / "largest", device="cpu")
+    np.testing.assert_array_equal(largest.finish(case, largest.forward([case])[0], 1, "heads").mask,
+                                  keep_largest_component(plain, [1, 2]))

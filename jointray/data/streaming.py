@@ -35,8 +35,8 @@ def assign_folds(subject_ids: list[str], n_folds: int, seed: int, given: dict[st
     return folds | {s: int(f) for s, f in given.items()}
 
 
-def split_subjects(shards: str | Path, n_folds: int, fold: int, seed: int) -> tuple[list[str], list[str]]:
-    """(train, validation) subject IDs of the prepared shards in ``shards``."""
+def split_subjects(shards: str | Path, n_folds: int, fold: int | str, seed: int) -> tuple[list[str], list[str]]:
+    """(train, validation) subject IDs of the prepared shards in ``shards``; fold ``"all"``: every subject in both."""
     table = pq.read_table(Path(shards) / SHARDS_DIR, columns=["subject_id", "split", "fold"])
     rows = table.to_pylist()
     bad = sorted({r["fold"] for r in rows if r["fold"] >= n_folds})
@@ -45,6 +45,8 @@ def split_subjects(shards: str | Path, n_folds: int, fold: int, seed: int) -> tu
     pool = [r for r in rows if r["split"] != "test"]
     folds = assign_folds([r["subject_id"] for r in pool], n_folds, seed,
                          {r["subject_id"]: r["fold"] for r in pool if r["fold"] >= 0})
+    if fold == "all":
+        return sorted(folds), sorted(folds)
     train = sorted(s for s, f in folds.items() if f != fold)
     val = sorted(s for s, f in folds.items() if f == fold)
     return train, val

@@ -71,7 +71,7 @@ def answer(predictor: Predictor, case: PreparedCase, prediction: CasePrediction,
     geometry = case.geometry
     return {
         "model": {"name": predictor.config.train.name, "variant": predictor.config.model.variant,
-                  "version": predictor.artifact.version},
+                  "version": predictor.version},
         "input": {"name": case.name, "shape": list(geometry.original_shape),
                   "spacing_mm": [round(s, 6) for s in geometry.original_spacing]},
         "path": prediction.path,

@@ -66,7 +66,7 @@ def predict_remote(url: str, files: list[Path], clinical: dict[str, Any], out: P
     return answers
 
 
-def predict_local(checkpoint: Path, files: list[Path], clinical: dict[str, Any], out: Path | None,
+def predict_local(checkpoint: Path | list[Path], files: list[Path], clinical: dict[str, Any], out: Path | None,
                   mc_samples: int | None, mc_mode: str | None) -> list[tuple[str, dict]]:
     """The same as :func:`predict_remote`, with the model loaded here."""
     predictor = Predictor(checkpoint)

@@ -29,7 +29,7 @@ import ray
 import ray.data
 import torch
 
-from jointray.artifacts import load_model, read_config
+from jointray.artifacts import load_models, read_config
 from jointray.config import ConfigError, DataConfig
 from jointray.data.records import CaseRecord, Quarantined
 from jointray.data.sources import scan_path
@@ -78,9 +78,9 @@ def write_mask(prediction: CasePrediction, path: Path) -> None:
 class PredictorActor:
     """One Ray Data actor: a Predictor loaded once, applied to batches of serialised records."""
 
-    def __init__(self, checkpoint: str, masks_dir: str, threads: int, tta: bool):
+    def __init__(self, checkpoint: list[str], masks_dir: str, threads: int, tta: bool):
         torch.set_num_threads(threads)
-        inference = read_config(checkpoint).inference.model_copy(update={"mirror": tta})
+        inference = read_config(checkpoint[0]).inference.model_copy(update={"mirror": tta})
         self.predictor = Predictor(checkpoint, inference=inference)
         self.masks_dir = Path(masks_dir)
 
@@ -135,13 +135,15 @@ def _pool_size(requested: int | None, n_cases: int) -> int:
     return max(1, min(requested or cpus, cpus, n_cases))
 
 
-def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, labels: str | Path | None = None,
-             workers: int | None = None, batch_size: int = 2, tta: bool = True) -> EvaluationReport:
-    """Run ``checkpoint`` over ``data`` (needs a Ray instance; ``ray.init`` done by the caller);
-    ``tta``: test-time mirroring (see :class:`~jointray.inference.predictor.Predictor`)."""
+def evaluate(checkpoint: str | Path | list[str | Path], data: str | Path, out: str | Path,
+             labels: str | Path | None = None, workers: int | None = None, batch_size: int = 2,
+             tta: bool = True) -> EvaluationReport:
+    """Run ``checkpoint`` (a model, an ensemble, or a list of them to average) over ``data`` (needs a Ray
+    instance; ``ray.init`` done by the caller); ``tta``: test-time mirroring (see
+    :class:`~jointray.inference.predictor.Predictor`)."""
     started = time.perf_counter()
-    loaded = load_model(checkpoint)  # a missing or corrupt checkpoint fails here, before any actor starts
-    cfg = loaded.config
+    sources = [str(Path(c).resolve()) for c in (checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])]
+    cfg = load_models(sources).members[0].config  # a missing or corrupt model fails here, before any actor starts
     data_cfg: DataConfig = cfg.data
     scan = scan_path(Path(data), data_cfg, None if labels is None else Path(labels))
     if not scan.records and not scan.rejected:
@@ -159,7 +161,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, labels: 
         ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * pool))
         results = ds.map_batches(
             PredictorActor,
-            fn_constructor_kwargs={"checkpoint": str(Path(checkpoint).resolve()), "masks_dir": str(masks_dir.resolve()),
+            fn_constructor_kwargs={"checkpoint": sources, "masks_dir": str(masks_dir.resolve()),
                                    "threads": max(1, int(cpus // pool)), "tta": tta},
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=pool),
@@ -177,7 +179,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path, labels: 
     structures = {k: v for k, v in data_cfg.label_names.items() if k != 0}
     metrics = summarize_cases(rows, structures, cfg.model.cdr_classes) if rows else {}
     pd.DataFrame(rows).to_csv(out / CASES_FILE, index=False)
-    report = EvaluationReport(checkpoint=str(checkpoint), data=str(data), inputs=len(scan.records) + len(scan.rejected),
+    report = EvaluationReport(checkpoint=", ".join(sources), data=str(data),
+                              inputs=len(scan.records) + len(scan.rejected),
                               predicted=len(rows), quarantined=quarantined, metrics=metrics, out=str(out), tta=tta,
                               elapsed_s=round(time.perf_counter() - started, 2))
     (out / SUMMARY_FILE).write_text(report.to_json())

@@ -1,14 +1,19 @@
 """Inference stage 2 (the accelerator): one batched, vectorised call over prepared cases.
 
-For a batch of B cases of the training window's shape, :func:`window_forward` runs
+The models: one, or the members of an ensemble (:func:`jointray.artifacts.load_models`, e.g. the
+cross-validation folds), which answer as one by averaging probabilities; each reads the clinical record
+as its own schema encodes it (folds normalise with their own training cases' statistics). For a batch of B cases of the training window's
+shape, :func:`window_forward` runs
 
-1. the **deterministic pass** (dropout off), combined over test-time mirror images: the class
-   probabilities whose argmax is the mask — exactly what ``evaluate`` scores — and the point outcomes;
+1. the **deterministic pass** (dropout off), averaged over the members and test-time mirror images: the
+   class probabilities whose argmax is the mask — exactly what ``evaluate`` scores — and the point
+   outcomes (MMSE and risk averaged; CDR from the members' mean ``P(y > k)``);
 2. T **Monte Carlo samples** (:class:`~jointray.models.mc.MCSampler`, mode ``full``, ``decoder`` or
    ``heads``), drawn in chunks of at most ``chunk_cases`` (sample × case) items so memory stays
-   bounded, sample t on mirror image ``t mod M`` (mirroring composes with MC at no extra cost). Only
-   running sums leave a chunk: the mean probabilities, the mean per-sample entropy, per-sample
-   structure volumes and per-sample outcomes.
+   bounded, sample t from view ``t mod V`` of the V (member, mirror image) pairs: mirroring and the
+   ensemble compose with MC at no extra cost, and the samples spread over members as a deep ensemble's
+   do (Lakshminarayanan et al. 2017) once T ≥ V. Only running sums leave a chunk: the mean
+   probabilities, the mean per-sample entropy, per-sample structure volumes and per-sample outcomes.
 
 Per voxel, predictive entropy ``H[E_t p_t]`` (total uncertainty) and mutual information
 ``H[E_t p_t] − E_t H[p_t]`` (the part due to the model's uncertainty, Gal 2016 §3.3; 0 without
@@ -42,7 +47,7 @@ from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
 from jointray.data.clinical import ClinicalInput
-from jointray.losses.ordinal import coral_predict, coral_probabilities
+from jointray.losses.ordinal import coral_probabilities
 from jointray.models import MCSampler
 from jointray.models.joint import JointModel
 from jointray.models.layout import image_in_layout
@@ -90,17 +95,21 @@ class ForwardSettings:
     channels_last: bool
 
 
-def deterministic_probabilities(model: JointModel, image: torch.Tensor, clinical: ClinicalInput, vv: torch.Tensor,
-                                s: ForwardSettings, first: JointOutput | None = None) -> torch.Tensor:
-    """Class probabilities (B, K, X, Y, Z), float32, averaged over the image and its mirror images, each
-    mapped back; ``first``: the unmirrored pass when the caller already ran it."""
+def deterministic_probabilities(models: list[JointModel], image: torch.Tensor, clinical: list[ClinicalInput],
+                                vv: torch.Tensor, s: ForwardSettings,
+                                first: list[JointOutput] | None = None) -> torch.Tensor:
+    """Class probabilities (B, K, X, Y, Z), float32, averaged over the models (``clinical``: each one's
+    encoding of the records) and over the image and its mirror images, each mapped back; ``first``: each
+    model's unmirrored pass when the caller already ran it."""
+    probabilities = None
     with s.autocast():
-        first = first or model.encode(image, clinical, s.cross, vv)
-        probabilities = first.seg[0].float().softmax(1)
-        for dims in s.mirrors:
-            mirrored = model.encode(image.flip(dims), clinical, s.cross, vv).seg[0]
-            probabilities = probabilities + mirrored.float().softmax(1).flip(dims)
-    return probabilities / (1 + len(s.mirrors))
+        for i, (model, record) in enumerate(zip(models, clinical)):
+            encoded = first[i] if first is not None else model.encode(image, record, s.cross, vv)
+            p = encoded.seg[0].float().softmax(1)
+            for dims in s.mirrors:
+                p = p + model.encode(image.flip(dims), record, s.cross, vv).seg[0].float().softmax(1).flip(dims)
+            probabilities = p if probabilities is None else probabilities + p
+    return probabilities / (len(models) * (1 + len(s.mirrors)))
 
 
 def _structure_counts(probabilities: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
@@ -120,18 +129,32 @@ def _outcomes(outcomes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return result
 
 
+def _point_outcomes(points: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The members' deterministic head outputs → their mean :func:`_outcomes` and the CDR class (B,): the
+    number of thresholds whose mean ``P(y > k)`` over the members exceeds 0.5 (for one model, CORAL's
+    rule), None without a CDR head."""
+    outcomes = [_outcomes(point) for point in points]
+    mean = {name: torch.stack([o[name] for o in outcomes]).mean(0) for name in outcomes[0]}
+    if "cdr" not in points[0]:
+        return mean, None
+    exceed = torch.stack([torch.sigmoid(point["cdr"].float()) for point in points]).mean(0)
+    return mean, (exceed > 0.5).sum(dim=1)
+
+
 @torch.no_grad()
-def window_forward(model: JointModel, image: torch.Tensor, clinical: ClinicalInput, vv: torch.Tensor,
+def window_forward(models: list[JointModel], image: torch.Tensor, clinical: list[ClinicalInput], vv: torch.Tensor,
                    inside: torch.Tensor, samples: int, mode: str, s: ForwardSettings) -> list[ForwardResult]:
-    """B cases of the window's shape: image (B, C, X, Y, Z), ``vv`` (B,) prepared voxel volumes in mm³,
-    ``inside`` (B, X, Y, Z) the voxels that lie inside the input (not padding), where volumes are counted."""
+    """B cases of the window's shape: image (B, C, X, Y, Z), ``clinical`` each model's encoding of their
+    records, ``vv`` (B,) prepared voxel volumes in mm³, ``inside`` (B, X, Y, Z) the voxels that lie inside
+    the input (not padding), where volumes are counted."""
     batch = image.shape[0]
     with s.autocast():
-        first = model.encode(image, clinical, s.cross, vv)
-        point = model.heads(first.hidden) if model.heads is not None else {}
-    probabilities = deterministic_probabilities(model, image, clinical, vv, s, first) if first.seg is not None else None
-    point_outcomes = _outcomes(point)
-    cdr_class = coral_predict(point["cdr"].float()) if "cdr" in point else None
+        first = [model.encode(image, record, s.cross, vv) for model, record in zip(models, clinical)]
+        points = [model.heads(f.hidden) if model.heads is not None else {} for model, f in zip(models, first)]
+    probabilities = (deterministic_probabilities(models, image, clinical, vv, s, first)
+                     if first[0].seg is not None else None)
+    point_outcomes, cdr_class = _point_outcomes(points)
+    point = points[0]
 
     sum_probs = sum_entropy = None
     volumes: list[torch.Tensor] = []  # (n, B, K-1) per chunk
@@ -143,13 +166,13 @@ def window_forward(model: JointModel, image: torch.Tensor, clinical: ClinicalInp
         for name, value in point_outcomes.items():
             outcome_samples[name].append(value.unsqueeze(0))
     else:
-        views = [()] + s.mirrors if segmentation_sampled else [()]
-        samplers = [MCSampler(model, image.flip(dims) if dims else image, clinical, mode, s.cross, vv,
-                              encoded=first if (mode == "heads" and not dims) else None) for dims in views]
+        views = [(m, dims) for m in range(len(models)) for dims in ([()] + s.mirrors if segmentation_sampled else [()])]
+        samplers = [MCSampler(models[m], image.flip(dims) if dims else image, clinical[m], mode, s.cross, vv,
+                              encoded=first[m] if (mode == "heads" and not dims) else None) for m, dims in views]
         per_chunk = max(1, s.chunk_cases // batch)
         for start in range(0, samples, per_chunk):
             indices = range(start, min(samples, start + per_chunk))
-            for v, dims in enumerate(views):
+            for v, (_, dims) in enumerate(views):
                 n = sum(1 for t in indices if t % len(views) == v)
                 if n == 0:
                     continue
@@ -215,7 +238,7 @@ FOCUS_STEPS = 3
 
 
 @torch.no_grad()
-def sliding_forward(model: JointModel, image: torch.Tensor, clinical: ClinicalInput, vv: torch.Tensor,
+def sliding_forward(models: list[JointModel], image: torch.Tensor, clinical: list[ClinicalInput], vv: torch.Tensor,
                     inside: torch.Tensor, window: tuple[int, int, int], samples: int, mode: str, overlap: float,
                     sigma_scale: float, pad_value: float, s: ForwardSettings) -> ForwardResult:
     """One case larger than ``window`` along some axis (image (1, C, X, Y, Z), ``inside`` (1, X, Y, Z));
@@ -223,14 +246,15 @@ def sliding_forward(model: JointModel, image: torch.Tensor, clinical: ClinicalIn
     shape = tuple(image.shape[2:])
     content = (image[0] != pad_value).any(0)  # voxels with image data: no structure is placed in empty space
     centre = None
-    if model.decoder is not None:
+    segments = models[0].decoder is not None
+    if segments:
         def predictor(windows: torch.Tensor) -> torch.Tensor:
             n = windows.shape[0]
-            return deterministic_probabilities(model, windows, clinical.repeat(n), vv.repeat(n), s)
+            return deterministic_probabilities(models, windows, [c.repeat(n) for c in clinical], vv.repeat(n), s)
 
         located = sliding_window_inference(
-            image, roi_size=window, sw_batch_size=max(1, s.chunk_cases // (1 + len(s.mirrors))), predictor=predictor,
-            overlap=overlap, mode="gaussian", sigma_scale=sigma_scale)[0].float()
+            image, roi_size=window, sw_batch_size=max(1, s.chunk_cases // (len(models) * (1 + len(s.mirrors)))),
+            predictor=predictor, overlap=overlap, mode="gaussian", sigma_scale=sigma_scale)[0].float()
         centre = _focus_centre(located, content)
         del located
 
@@ -238,9 +262,9 @@ def sliding_forward(model: JointModel, image: torch.Tensor, clinical: ClinicalIn
         return tuple(slice(a, a + t) for a, t in zip(start, window))
 
     start = _window_start(centre, shape, window)
-    for _ in range(FOCUS_STEPS if model.decoder is not None else 0):
+    for _ in range(FOCUS_STEPS if segments else 0):
         crop = crop_at(start)
-        probe = window_forward(model, image_in_layout(image[(Ellipsis, *crop)], s.channels_last), clinical, vv,
+        probe = window_forward(models, image_in_layout(image[(Ellipsis, *crop)], s.channels_last), clinical, vv,
                                inside[(Ellipsis, *crop)], 1, "heads", s)[0]
         local = _focus_centre(torch.from_numpy(probe.probabilities), content[crop])
         if local is None:
@@ -250,7 +274,7 @@ def sliding_forward(model: JointModel, image: torch.Tensor, clinical: ClinicalIn
             break
         start = moved
     crop = crop_at(start)
-    focus = window_forward(model, image_in_layout(image[(Ellipsis, *crop)], s.channels_last), clinical, vv,
+    focus = window_forward(models, image_in_layout(image[(Ellipsis, *crop)], s.channels_last), clinical, vv,
                            inside[(Ellipsis, *crop)], samples, mode, s)[0]
     focus.path, focus.focus_start = "sliding_window", start
     if focus.probabilities is not None:

@@ -1,16 +1,18 @@
-"""One trained model applied to raw cases, exactly as training saw them, in three stages.
+"""A trained model (or an ensemble of them) applied to raw cases, exactly as training saw them, in three stages.
 
-A :class:`Predictor` loads a training checkpoint or an exported artifact (:mod:`jointray.artifacts`:
-the weights, the whole config, the PreprocessSpec and clinical schema it was trained with, and which
-outcome heads saw targets) and predicts in three stages that a server can run in different places:
+A :class:`Predictor` loads a training checkpoint, an exported artifact or an ensemble of them
+(:mod:`jointray.artifacts`: the weights, the whole config, the PreprocessSpec and clinical schema they
+were trained with, which outcome heads saw targets, and an ensemble's post-processing) and predicts
+in three stages that a server can run in different places:
 
 1. :meth:`Predictor.prepare` (CPU, :mod:`jointray.inference.cases`): a path, an upload's bytes, an
    array with its affine or a source's record → validated, preprocessed :class:`PreparedCase`.
 2. :meth:`Predictor.forward` (the accelerator, :mod:`jointray.inference.forward`): a batch of prepared
    cases → probabilities, uncertainty and outcome samples, one vectorised call.
 3. :meth:`Predictor.finish` (CPU): the class **probabilities** mapped back onto the input's own grid,
-   then the argmax (nnU-Net's order: a thin structure survives a change of spacing), volumes from the
-   input affine's |det| (right for sheared DICOM geometry too), MC statistics and intervals.
+   then the argmax (nnU-Net's order: a thin structure survives a change of spacing), the ensemble's
+   post-processing (:mod:`jointray.inference.postprocess`), volumes from the input affine's |det| (right
+   for sheared DICOM geometry too), MC statistics and intervals.
 
 ``evaluate``, ``jointray predict`` and the server all run these stages; :meth:`Predictor.predict_batch`
 composes them for batch evaluation. Inference precision is chosen for the device it runs on
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jointray.artifacts import load_model
+from jointray.artifacts import load_models
 from jointray.config import InferenceConfig
 from jointray.data.errors import InputError
 from jointray.data.preprocess import restore_to_original
@@ -36,6 +38,7 @@ from jointray.data.records import CaseRecord, Quarantined
 from jointray.data.shards import CLINICAL_PREFIX
 from jointray.inference.cases import CasePreparer, PreparedCase
 from jointray.inference.forward import ForwardResult, ForwardSettings, mirror_sets, sliding_forward, window_forward
+from jointray.inference.postprocess import keep_largest_component
 from jointray.losses.ordinal import class_to_cdr
 from jointray.metrics import segmentation_metrics
 from jointray.models import MC_MODES, build_model
@@ -123,28 +126,35 @@ def clinical_columns(cases: list[PreparedCase], schema) -> dict[str, Any]:
 
 
 class Predictor:
-    """A trained model ready to predict; ``device`` defaults to CUDA when available.
+    """A trained model, or several answering as one, ready to predict; ``device`` defaults to CUDA when available.
 
-    ``inference`` overrides the checkpoint's ``inference`` section (mirroring, MC defaults and limits,
+    ``checkpoint``: a checkpoint, an exported model, an ensemble folder or a list of these (see
+    :func:`~jointray.artifacts.load_models`); the first model's config rules preprocessing and inference.
+    ``inference`` overrides that config's ``inference`` section (mirroring, MC defaults and limits,
     sliding-window overlap, precision). ``mirror=False`` is ``--no-tta``.
     """
 
-    def __init__(self, checkpoint: str | Path, device: str | torch.device | None = None,
+    def __init__(self, checkpoint: str | Path | list[str | Path], device: str | torch.device | None = None,
                  inference: InferenceConfig | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        artifact = load_model(checkpoint, map_location=self.device)
-        self.artifact = artifact
+        ensemble = load_models(checkpoint, map_location=self.device)
+        artifact = ensemble.members[0]
+        self.version, self.metrics = ensemble.version, ensemble.metrics
         self.config, self.spec, self.schema = artifact.config, artifact.spec, artifact.schema
         self.inference = inference or self.config.inference
-        self.model = to_layout(build_model(self.config.model, self.spec.channels, self.schema).to(self.device),
-                               self.config.train.channels_last)
-        self.model.load_state_dict(artifact.state_dict)
-        self.model.eval()
+        self.models = []
+        for member in ensemble.members:
+            model = to_layout(build_model(member.config.model, self.spec.channels, self.schema).to(self.device),
+                              member.config.train.channels_last)
+            model.load_state_dict(member.state_dict)
+            self.models.append(model.eval())
+        self.schemas = [member.schema for member in ensemble.members]  # each fold normalises its own way
         self.trained_heads = artifact.trained_heads
         curriculum = self.config.train.curriculum
         # The cross-task strength the checkpoint was validated with: the training loop reports it.
         self.cross = float(artifact.metrics.get("cross", curriculum.phases[-1].cross if curriculum.enabled else 1.0))
         self.structures = {k: v for k, v in self.config.data.label_names.items() if k != 0}
+        self.largest_component = [k for k, name in self.structures.items() if name in ensemble.largest_component]
         self.autocast, _ = autocast_for(self.inference.precision, self.device)
         augment = self.config.train.augment
         mirrored = self.inference.mirror and augment.enabled and augment.flip_prob > 0
@@ -188,12 +198,12 @@ class Predictor:
         windowed = [i for i, c in enumerate(cases) if c.path == "window"]
         for i in (i for i, c in enumerate(cases) if c.path != "window"):
             image, clinical, vv, inside = self._tensors([cases[i]])
-            results[i] = sliding_forward(self.model, image, clinical, vv, inside, tuple(self.spec.target_shape),
+            results[i] = sliding_forward(self.models, image, clinical, vv, inside, tuple(self.spec.target_shape),
                                          samples, mode, self.inference.overlap, self.inference.sigma_scale,
                                          self.spec.pad_value, self.settings)
         if windowed:
             image, clinical, vv, inside = self._tensors([cases[i] for i in windowed])
-            for i, result in zip(windowed, window_forward(self.model, image, clinical, vv, inside, samples, mode,
+            for i, result in zip(windowed, window_forward(self.models, image, clinical, vv, inside, samples, mode,
                                                           self.settings)):
                 results[i] = result
         return results  # type: ignore[return-value]
@@ -201,7 +211,8 @@ class Predictor:
     def _tensors(self, cases: list[PreparedCase]):
         image = image_in_layout(torch.from_numpy(np.stack([c.image for c in cases])).to(self.device),
                                 self.config.train.channels_last)
-        clinical = self.schema.encode(clinical_columns(cases, self.schema), len(cases)).to(self.device)
+        columns = clinical_columns(cases, self.schema)
+        clinical = [schema.encode(columns, len(cases)).to(self.device) for schema in self.schemas]
         vv = torch.tensor([abs(np.linalg.det(c.geometry.affine[:3, :3])) for c in cases], dtype=torch.float32,
                           device=self.device)
         inside = torch.from_numpy(np.stack([self._inside(c) for c in cases])).to(self.device)
@@ -235,7 +246,9 @@ class Predictor:
     def _finish_segmentation(self, case: PreparedCase, result: ForwardResult, prediction: CasePrediction,
                              entropy_map: bool, level: float) -> None:
         geometry = case.geometry
-        prediction.mask = restore_to_original(result.probabilities, geometry, mode="linear").argmax(0).astype(np.uint8)
+        prediction.mask = keep_largest_component(
+            restore_to_original(result.probabilities, geometry, mode="linear").argmax(0).astype(np.uint8),
+            self.largest_component)
         if entropy_map:
             prediction.entropy = restore_to_original(result.entropy, geometry, mode="linear").astype(np.float32)
         voxel_mm3 = abs(float(np.linalg.det(geometry.original_affine[:3, :3])))

@@ -244,9 +244,9 @@ class Ingress:
         async def handle():
             p = self.predictor
             return JSONResponse({
-                "name": p.config.train.name, "variant": p.config.model.variant, "version": p.artifact.version,
+                "name": p.config.train.name, "variant": p.config.model.variant, "version": p.version,
                 "trained_heads": p.trained_heads, "structures": list(p.structures.values()),
-                "metrics": {k: v for k, v in p.artifact.metrics.items() if math.isfinite(v)},
+                "metrics": {k: v for k, v in p.metrics.items() if math.isfinite(v)},
                 "preprocess": p.spec.model_dump(mode="json"), "spec_digest": p.spec.digest(),
                 "clinical": {"numeric": [f.name for f in p.schema.numeric],
                              "categorical": {f.name: f.categories for f in p.schema.categorical}},

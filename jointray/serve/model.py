@@ -67,14 +67,15 @@ class ModelServer:
         """Raise when the model cannot answer, so Serve replaces this replica."""
         if self.failure is not None:
             raise ModelUnusable(f"a forward pass failed: {self.failure}")
-        for name, parameter in self.predictor.model.named_parameters():
-            if not bool(torch.isfinite(parameter).all()):
-                raise ModelUnusable(f"parameter {name} holds non-finite values")
+        for model in self.predictor.models:
+            for name, parameter in model.named_parameters():
+                if not bool(torch.isfinite(parameter).all()):
+                    raise ModelUnusable(f"parameter {name} holds non-finite values")
 
     def ready(self) -> dict[str, Any]:
         """The model's identity, after the health check (``GET /healthz``)."""
         self.check_health()
-        return {"version": self.predictor.artifact.version, "batch_sizes_seen": len(self.history)}
+        return {"version": self.predictor.version, "batch_sizes_seen": len(self.history)}
 
     def batch_sizes(self) -> list[int]:
         """Sizes of the most recent batches this replica ran."""

@@ -4,7 +4,9 @@ Everything that can be wrong with a request (missing shards, shards of another d
 preprocessing, more workers than CPUs, a resumed run of another model) fails here, before any worker
 starts, with a message that says what to change. The run lands in ``<storage_path>/<train.name>/``
 and its best checkpoint (by ``val/score``), its outcome heads refit on the trained network's features
-(:mod:`jointray.train.refit`), is exported to ``<storage_path>/<train.name>/best/``, on
+(:mod:`jointray.train.refit`), is exported to ``<storage_path>/<train.name>/best/`` — with
+``train.fold=all`` (every case trains, nothing is held out to choose by) the last checkpoint, as
+trained — on
 whatever filesystem ``storage_path`` names (a local folder, ``file://``, ``s3://``, ``gs://``):
 local and remote storage behave alike, including ``train.resume=false`` starting afresh.
 """
@@ -240,6 +242,9 @@ def run_training(cfg: Config, announce=print, cpus: float | None = None,
             announce(f"replacing the previous run at {run_dir} (set train.resume=true to continue it)")
             storage.fs.delete_dir(run_path)
     train_ids, val_ids = split_subjects(prepared, cfg.train.n_folds, cfg.train.fold, cfg.train.seed)
+    # nnU-Net's "all" fold: validation scores training cases, so it may not choose; the last checkpoint wins.
+    keep_last = cfg.train.fold == "all"
+    chosen_by = "epoch" if keep_last else "val/score"
     if not train_ids or not val_ids:
         raise ConfigError(f"fold {cfg.train.fold} of {cfg.train.n_folds} leaves {len(train_ids)} training and "
                           f"{len(val_ids)} validation subjects; prepare more cases or lower train.n_folds")
@@ -263,7 +268,7 @@ def run_training(cfg: Config, announce=print, cpus: float | None = None,
         run_config=ray.train.RunConfig(
             name=cfg.train.name, storage_path=storage.base, storage_filesystem=None if local else storage.fs,
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="val/score",
+                num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute=chosen_by,
                 checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level=cfg.train.log_level),
@@ -287,11 +292,13 @@ def run_training(cfg: Config, announce=print, cpus: float | None = None,
         advice = f"lower train.lr (now {cfg.train.lr:g})" + ("" if cfg.train.grad_clip else " or set train.grad_clip")
         raise TrainingDiverged(f"{run_dir}: the training loss became non-finite in epoch {int(last['epoch']) + 1} "
                                f"({losses}) at learning rate {last['lr']:.3g}; {advice}")
-    scored = [(c, m) for c, m in result.best_checkpoints if not math.isnan(m.get("val/score", math.nan))]
+    scored = [(c, m) for c, m in result.best_checkpoints if not math.isnan(m.get(chosen_by, math.nan))]
     if not scored:
         scored = result.best_checkpoints[-1:]
-    checkpoint, metrics = max(scored, key=lambda cm: cm[1].get("val/score", -math.inf))
-    refit = _export_best(checkpoint, storage, run_path, lambda best: refit_heads(best, train_ds, val_ds, announce))
+    checkpoint, metrics = max(scored, key=lambda cm: cm[1].get(chosen_by, -math.inf))
+    # The refit chooses its epochs on validation cases: with fold=all those are training cases, so no refit.
+    refit = _export_best(checkpoint, storage, run_path,
+                         lambda best: None if keep_last else refit_heads(best, train_ds, val_ds, announce))
     metrics = refit or metrics
     return TrainResult(run_dir=run_dir, best_dir=storage.where(cfg.train.name, BEST_DIR), metrics=metrics,
                        final_metrics=result.metrics or {})
