@@ -34,12 +34,14 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from accuracy_msd import msd_list  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from jointray.config import AugmentConfig, load_config  # noqa: E402
 from jointray.data.augment import Augmenter  # noqa: E402
 from jointray.data.prepare import prepare_dataset  # noqa: E402
+from jointray.data.sources import scan_msd  # noqa: E402
 from jointray.data.streaming import split_subjects, subjects_dataset  # noqa: E402
 from jointray.losses.joint import JointLoss  # noqa: E402
 from jointray.models import build_model  # noqa: E402
@@ -113,12 +115,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = parser.parse_args()
     root = Path(args.root)
-    meta = json.loads((root / "dataset.json").read_text())
-    subset = OUT / "cases"
-    subset.mkdir(parents=True, exist_ok=True)
-    entries = [{k: str((root / v).resolve()) for k, v in e.items()} for e in meta["training"]
-               if (root / e["image"]).exists() and (root / e["label"]).exists()][:args.cases]
-    (subset / "dataset.json").write_text(json.dumps(meta | {"training": entries, "numTraining": len(entries)}))
+    label_names = load_config(REPO / "configs" / "msd_nnunet_augment.yaml").data.label_names
+    cases = scan_msd(root, label_names).records[:args.cases]
+    subset = msd_list(root, cases, OUT / "cases")
     base = [f"data.root={subset}", f"data.output={OUT / 'prepared'}", f"train.storage_path={OUT / 'runs'}",
             "train.patience=null", *args.overrides]
     cfg = load_config(REPO / "configs" / "msd_nnunet_augment.yaml", base)
@@ -154,7 +153,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "cases": len(entries), "epochs": args.epochs, "overrides": args.overrides,
+        "cases": len(cases), "epochs": args.epochs, "overrides": args.overrides,
         "ms_per_case": costs, "step_ms_per_case": step, "trainer": runs}, indent=2))
 
 

@@ -25,16 +25,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accuracy_msd import NNUNET_DICE, REPO, hold_out
 from monai.data import CacheDataset, DataLoader
 from monai.losses import DiceCELoss
 from monai.networks.layers import Norm
 from monai.networks.nets import UNet
-from monai.transforms import (AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged, NormalizeIntensityd,
-                              Orientationd, RandFlipd, Spacingd, SpatialPadd)
+from monai.transforms import (
+    AsDiscreted,
+    Compose,
+    EnsureChannelFirstd,
+    Invertd,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    RandFlipd,
+    Spacingd,
+    SpatialPadd,
+)
 from rich.console import Console
 from rich.table import Table
 
-from accuracy_msd import NNUNET_DICE, REPO, hold_out
 from jointray.data.sources import scan_msd
 from jointray.metrics import segmentation_metrics
 
@@ -50,6 +60,11 @@ def preprocessing() -> Compose:
         Spacingd(keys=["image", "label"], pixdim=(1.0, 1.0, 1.0), mode=("bilinear", "nearest")),
         NormalizeIntensityd(keys="image", nonzero=True), SpatialPadd(keys=["image", "label"], spatial_size=SHAPE),
     ])
+
+
+def monai_items(folder: Path) -> list[dict[str, str]]:
+    """The cases of an MSD folder as MONAI dictionary items."""
+    return [{"image": r.images[0], "label": r.label} for r in scan_msd(folder, LABEL_NAMES).records]
 
 
 def train(cases: list[dict[str, str]], minutes: float, seed: int) -> tuple[UNet, int]:
@@ -112,9 +127,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     root = Path(args.root)
     pool, test_folder, test_ids = hold_out(root, LABEL_NAMES, args.test_fraction, args.test_seed, Path(args.split_dir))
-    as_items = lambda folder: [{"image": r.images[0], "label": r.label}  # noqa: E731
-                               for r in scan_msd(folder, LABEL_NAMES).records]
-    train_cases, test_cases = as_items(pool), as_items(test_folder)
+    train_cases, test_cases = monai_items(pool), monai_items(test_folder)
     console = Console(width=160)
     table = Table(title=f"plain MONAI loop on MSD hippocampus: {len(train_cases)} training cases, "
                         f"{len(test_cases)} held-out test cases (the last weights, no mirroring)")

@@ -234,7 +234,6 @@ class Ensemble:
     members: list[ModelArtifact]
     largest_component: list[str]
     version: str
-    source: str
     metrics: dict[str, float]
 
 
@@ -315,5 +314,4 @@ def load_models(source: str | Path | list[str | Path], map_location: str | torch
                               f"{sorted(unknown)}")
     version = first.version if len(members) == 1 else hashlib.sha256(
         " ".join(m.version for m in members).encode()).hexdigest()[:12]
-    return Ensemble(members=members, largest_component=largest, version=version,
-                    source=", ".join(str(p) for p in sources), metrics=metrics)
+    return Ensemble(members=members, largest_component=largest, version=version, metrics=metrics)

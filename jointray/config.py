@@ -105,7 +105,7 @@ class AugmentConfig(_Section):
     """Training-time augmentation (MONAI random transforms), applied to training data only.
 
     Every transform has its own probability per case. The defaults are a light set (mirroring, small
-    rotations and scaling, intensity jitter); ``configs/msd_hippocampus.yaml`` switches on nnU-Net's set
+    rotations and scaling, intensity jitter); ``configs/msd_nnunet_augment.yaml`` switches on nnU-Net's set
     (Isensee et al., Nature Methods 2021; nnUNetTrainer's training transforms): rotation, scaling,
     Gaussian noise and blur, brightness, contrast, simulated low resolution, gamma (also on the inverted
     image) and mirroring, each with nnU-Net's probability and range. Elastic deformation, off by default
@@ -396,6 +396,11 @@ class TrainConfig(_Section):
     balancer: BalancerConfig = BalancerConfig()
     curriculum: CurriculumConfig = CurriculumConfig()
     refit: RefitConfig = RefitConfig()
+
+    @property
+    def planned_epochs(self) -> int | None:
+        """The epochs the run will train, or None when a time budget ends it (the count is not known ahead)."""
+        return self.epochs if self.max_minutes is None else None
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> TrainConfig:

@@ -157,6 +157,27 @@ def test_probabilities_are_mapped_back_before_the_argmax():
     assert prediction.volumes_mm3["structure"] == pytest.approx(64 * 8.0)  # one 8x8 slab of 2 mm voxels
 
 
+def test_finish_keeps_only_the_largest_component_of_the_structures_post_processing_names():
+    """An ensemble's post-processing is applied to the mask, and the volumes are the post-processed mask's."""
+    spec = PreprocessSpec(target_spacing=(1.0, 1.0, 1.0), target_shape=(16, 16, 16))
+    image = np.random.default_rng(0).normal(size=(1, 16, 16, 16)).astype(np.float32)
+    geometry = preprocess_case(image, None, np.eye(4), spec, keep_whole=True).geometry
+    foreground = np.full((16, 16, 16), 0.1, np.float32)
+    foreground[2:6, 2:6, 2:6] = 0.9      # the structure: 64 voxels
+    foreground[11:13, 11:13, 11:13] = 0.9  # a stray blob: 8 voxels
+    probabilities = np.stack([1 - foreground, foreground])
+    predictor = object.__new__(Predictor)  # finish reads only these settings, no network
+    predictor.structures, predictor.trained_heads, predictor.inference = {1: "structure"}, [], InferenceConfig()
+    case = PreparedCase(name="blobs", image=image, geometry=geometry, clinical={}, window=(16, 16, 16))
+    result = ForwardResult(probabilities=probabilities, entropy=np.zeros((16,) * 3, np.float32),
+                           mutual_information=np.zeros((16,) * 3, np.float32), sample_volumes=np.array([[72.0]]))
+    for chosen, voxels in (([], 72), ([1], 64)):
+        predictor.largest_component = chosen
+        prediction = predictor.finish(case, result, 1, "heads")
+        assert (prediction.mask == 1).sum() == voxels and prediction.volumes_mm3["structure"] == voxels, chosen
+        assert prediction.mask[2:6, 2:6, 2:6].all()
+
+
 @pytest.mark.parametrize("volume, mean, std, entropy, reasons", [
     (2000.0, 2000.0, 100.0, 0.3, []),
     (0.0, 0.0, 0.0, 0.0, ["anterior: not found"]),

@@ -313,5 +313,6 @@ def test_cross_validation_ensembles_its_folds_and_chooses_post_processing_out_of
     plain = pooled.finish(case, pooled.forward([case])[0], 1, "heads").mask
     write_ensemble(tmp_path / "largest", [folds.folds[0].best_dir, folds.folds[1].best_dir], list(names))
     largest = Predictor(tmp_path / "largest", device="cpu")
+    assert largest.largest_component == [1, 2]  # names → labels; what finish applies (test_inference)
     np.testing.assert_array_equal(largest.finish(case, largest.forward([case])[0], 1, "heads").mask,
                                   keep_largest_component(plain, [1, 2]))

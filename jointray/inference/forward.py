@@ -2,8 +2,8 @@
 
 The models: one, or the members of an ensemble (:func:`jointray.artifacts.load_models`, e.g. the
 cross-validation folds), which answer as one by averaging probabilities; each reads the clinical record
-as its own schema encodes it (folds normalise with their own training cases' statistics). For a batch of B cases of the training window's
-shape, :func:`window_forward` runs
+as its own schema encodes it (folds normalise with their own training cases' statistics). For a batch
+of B cases of the training window's shape, :func:`window_forward` runs
 
 1. the **deterministic pass** (dropout off), averaged over the members and test-time mirror images: the
    class probabilities whose argmax is the mask — exactly what ``evaluate`` scores — and the point

@@ -348,7 +348,7 @@ class JointTrainer:
         if self.comms.rank != 0:
             ray.train.report(metrics)
             return
-        print(epoch_line(metrics, None if math.isfinite(self.budget_s) else self.cfg.train.epochs), flush=True)
+        print(epoch_line(metrics, self.cfg.train.planned_epochs), flush=True)
         state = {
             "model": self.served.state_dict(), "optimizer": self.optimizer.state_dict(),
             "balancer": self.balancer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {},

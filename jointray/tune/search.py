@@ -160,7 +160,8 @@ def _scheduler(cfg: Config) -> ASHAScheduler | None:
     (metric, mode), = t.objectives.items()
     # +1: the trial's last report (the best checkpoint's metrics) comes after its last epoch. Under a time
     # budget the epochs are not known in advance, and ASHA must not cut a trial before its schedule ends.
-    max_t = cfg.train.epochs + 1 if cfg.train.max_minutes is None else UNBOUNDED_EPOCHS
+    epochs = cfg.train.planned_epochs
+    max_t = epochs + 1 if epochs is not None else UNBOUNDED_EPOCHS
     return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode, max_t=max_t,
                          grace_period=t.grace_epochs, reduction_factor=t.reduction_factor)
 
@@ -181,7 +182,7 @@ def _run_config(cfg: Config, folder: Path) -> ray.tune.RunConfig:
         name=TUNE_DIR, storage_path=str(folder),
         # A failed trial is recorded as failed and the search goes on; retrying it would fail the same way.
         failure_config=ray.tune.FailureConfig(max_failures=0),
-        callbacks=[EpochLines(list(cfg.tune.objectives), cfg.train.epochs if cfg.train.max_minutes is None else None)], verbose=0,
+        callbacks=[EpochLines(list(cfg.tune.objectives), cfg.train.planned_epochs)], verbose=0,
     )
 
 
