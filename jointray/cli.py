@@ -241,6 +241,10 @@ def evaluate(
                                 "of the Ray cluster); never more than its CPUs or the cases"),
     batch_size: int = typer.Option(2, "--batch-size", min=1),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="test-time mirroring along the axes training mirrored"),
+    mc_samples: int = typer.Option(1, "--mc-samples", min=1, help="Monte Carlo dropout samples per case: per-case "
+                                   "intervals (volumes, MMSE, risk) and their coverage"),
+    mc_mode: str = typer.Option(None, "--mc-mode", help="full, decoder or heads (default: the config's "
+                                "inference.mc_mode)"),
 ) -> None:
     """Run a model over a dataset on Ray Data: masks in each input's own space, per-case CSV, JSON summary."""
     with _usage_errors():
@@ -258,11 +262,29 @@ def evaluate(
     init_ray(RayConfig())
     with _usage_errors(CheckpointError):
         report = run_evaluation(checkpoint, data, out, labels=labels, workers=workers, batch_size=batch_size,
-                                tta=tta)
+                                tta=tta, mc_samples=mc_samples, mc_mode=mc_mode)
     _print_evaluation(report)
     if report.predicted == 0:
         console.print("[red]error:[/red] no input could be predicted; see the summary")
         raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    evaluation: list[Path] = typer.Option(..., "--evaluation", help="an `evaluate` output folder; repeat it to compare "
+                                          "models on the same cases (the first is the reference)"),
+    out: Path = typer.Option(None, "--out", help="the HTML file (default: <first evaluation>/report.html); its "
+                             "figures go to <name>_figures/ beside it, its numbers to <name>.json"),
+    name: list[str] = typer.Option(None, "--name", help="a label per evaluation, in order (default: folder names)"),
+) -> None:
+    """Write one self-contained HTML report (figures embedded, opens offline) from evaluate outputs."""
+    from jointray.report.evaluation import build_report
+
+    out = out or evaluation[0] / "report.html"
+    with _usage_errors(FileNotFoundError, ValueError):
+        document = build_report(evaluation, out, name or None)
+    console.print(f"report: [bold]{out}[/bold] ({len(document.sections)} sections, {len(document.figures)} figures "
+                  f"in {out.parent / (out.stem + '_figures')})")
 
 
 @app.command()
@@ -343,6 +365,10 @@ def _print_predictions(answers: list[tuple[str, dict]]) -> None:
         review = "[yellow]review[/yellow]: " + "; ".join(body["review"]["reasons"]) if body["needs_review"] else "ok"
         table.add_row(name, body["path"], volumes, "\n".join(outcomes) or "—", review)
     console.print(table)
+    for name, body in answers:
+        if "report_file" in body:
+            console.print(f"report for {name}: {body['report_file']}"
+                          + (f" (PDF {body['report_pdf']})" if "report_pdf" in body else ""))
 
 
 @app.command()
@@ -356,6 +382,8 @@ def predict(
     mc_samples: int = typer.Option(None, "--mc-samples", help="Monte Carlo samples (default from the model)"),
     mc_mode: str = typer.Option(None, "--mc-mode", help="full, decoder or heads"),
     api_key_env: str = typer.Option(None, "--api-key-env", help="environment variable holding the server's API key"),
+    report: bool = typer.Option(False, "--report", help="also write a per-patient report, <name>_report.html (and "
+                                ".pdf where Chromium is installed), beside the mask"),
 ) -> None:
     """Predict for each input and write its mask (``<name>_mask.nii.gz``) beside it or into --out."""
     import json
@@ -379,15 +407,50 @@ def predict(
         if api_key_env and not key:
             console.print(f"[red]error:[/red] --api-key-env {api_key_env}: that environment variable is not set")
             raise typer.Exit(2)
-        answers = predict_remote(url, files, record, out, mc_samples, mc_mode, key)
+        answers = predict_remote(url, files, record, out, mc_samples, mc_mode, key, report)
     else:
         from jointray.artifacts import CheckpointError
 
         with _usage_errors(CheckpointError):
-            answers = predict_local(checkpoint, files, record, out, mc_samples, mc_mode)
+            answers = predict_local(checkpoint, files, record, out, mc_samples, mc_mode, report)
     _print_predictions(answers)
     if all("error" in body for _, body in answers):
         raise typer.Exit(1)
+
+
+@app.command()
+def explain(
+    file: Path = typer.Argument(..., help="a NIfTI file, DICOM series folder or zip of one series"),
+    checkpoint: list[Path] = typer.Option(..., "--checkpoint", help="the model (an ensemble: its first member)"),
+    clinical: str = typer.Option(None, "--clinical", help='clinical record as JSON, e.g. \'{"age": 71}\''),
+    out: Path = typer.Option(None, "--out", help="folder for what is written (default: beside the input)"),
+) -> None:
+    """Explain one prediction: Grad-CAM per structure and outcome head (NIfTI), the clinical features'
+    Integrated Gradients (JSON), and the per-patient report showing both."""
+    import json
+
+    from jointray.artifacts import CheckpointError
+    from jointray.data.errors import InputError
+    from jointray.inference.explain import explain_file
+
+    try:
+        record = json.loads(clinical) if clinical else {}
+    except json.JSONDecodeError as exc:
+        console.print(f"[red]error:[/red] --clinical is not valid JSON ({exc.msg})")
+        raise typer.Exit(2) from None
+    if not file.exists():
+        console.print(f"[red]error:[/red] no such file or folder: {file}")
+        raise typer.Exit(2)
+    with _usage_errors(CheckpointError, ValueError):
+        try:
+            written = explain_file(checkpoint, file, record, out)
+        except InputError as exc:
+            raise ValueError(f"{exc.path}: {exc.reason}") from None
+    for target, path in written["maps"].items():
+        console.print(f"Grad-CAM {target} ({written['explanation'].layers[target]}): {path}")
+    for head, values in written["explanation"].attributions.items():
+        console.print(f"{head}: " + ", ".join(f"{k} {v:+.3f}" for k, v in values.items()))
+    console.print(f"report: [bold]{written['report']}[/bold]")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -412,10 +475,10 @@ def demo(
     from jointray.data.prepare import prepare_dataset
     from jointray.data.synthetic import generate_cohort
     from jointray.inference.evaluate import evaluate as run_evaluation
+    from jointray.report.evaluation import build_report
     from jointray.runtime import init_ray
     from jointray.train.progress import summary_table
     from jointray.train.trainer import run_training
-
     from jointray.tune.search import remove_search, run_search, search_folder
 
     init_ray(cfg.ray)
@@ -430,20 +493,27 @@ def demo(
     s = cfg.data.synthetic
     held_out_root = Path(f"{cfg.data.root}_held_out")
     generate_cohort(held_out_root, held_out, s.seed + 1, tuple(s.shape), tuple(s.spacing))  # unseen seed
-    evaluation = run_evaluation(result.best_dir, held_out_root / "manifest.csv", result.run_dir / "evaluation")
+    # With the config's Monte Carlo samples, so that the report's intervals and uncertainty sections fill.
+    evaluation = run_evaluation(result.best_dir, held_out_root / "manifest.csv", result.run_dir / "evaluation",
+                                mc_samples=cfg.inference.mc_samples)
     _print_evaluation(evaluation)
+    report_path = Path(evaluation.out) / "report.html"
+    build_report([evaluation.out], report_path)
     console.rule("4/5 serve the best checkpoint and predict over HTTP")
-    _demo_serving(result.best_dir, held_out_root / "manifest.csv", result.run_dir / "served")
+    patient_report = _demo_serving(result.best_dir, held_out_root / "manifest.csv", result.run_dir / "served")
     console.rule(f"5/5 search: {search_cfg.tune.num_samples} short trials with Ray Tune + Optuna")
     remove_search(search_folder(search_cfg))  # the demo's own search, from its previous run
     with _usage_errors():
         _print_search(run_search(search_cfg))
     console.print(f"[bold]best checkpoint:[/bold] {result.best_dir}")
+    console.print(f"[bold]evaluation report:[/bold] {report_path}\n[bold]patient report:[/bold] {patient_report}\n"
+                  "(open them in a browser: they need nothing else)")
 
 
-def _demo_serving(checkpoint: Path, manifest: Path, out: Path) -> None:
-    """Serve ``checkpoint`` on a free loopback port, send one held-out synthetic case (with its clinical record)
-    and one real DICOM study (:data:`DEMO_DICOM`, where there is one) through the HTTP client, then shut down."""
+def _demo_serving(checkpoint: Path, manifest: Path, out: Path) -> Path | None:
+    """Serve ``checkpoint`` on a free loopback port, send one held-out synthetic case (with its clinical record,
+    asking for its patient report) and one real DICOM study (:data:`DEMO_DICOM`, where there is one) through
+    the HTTP client, then shut down; the patient report's path."""
     import pandas as pd
     from ray import serve as ray_serve
 
@@ -467,13 +537,14 @@ def _demo_serving(checkpoint: Path, manifest: Path, out: Path) -> None:
     url = start(checkpoint, [f"serve.port={free_port(8000)}"])
     console.print(f"serving at {url} (viewer {url}/, API {url}/docs)")
     try:
-        answers = predict_remote(url, inputs[:1], clinical, out, None, None)
+        answers = predict_remote(url, inputs[:1], clinical, out, None, None, report=True)
         answers += predict_remote(url, inputs[1:], {}, out, None, None)
         _print_predictions(answers)
         console.print(f"masks: {out}")
     finally:
         ray_serve.shutdown()
         console.print("server shut down")
+    return Path(answers[0][1]["report_file"]) if "report_file" in answers[0][1] else None
 
 
 @app.command("config", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

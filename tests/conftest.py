@@ -79,6 +79,78 @@ def msd_checkpoint(ray_session, tmp_path_factory):
     return run_training(cfg, announce=lambda _: None).best_dir
 
 
+#: The synthetic training cohort: 20 subjects, 48³, augmentation off so two runs with one seed are comparable.
+TRAIN_COHORT = ["data.format=synthetic", "data.synthetic.n_subjects=20", "preprocess.target_shape=[48,48,48]",
+                "train.batch_size=4", "train.n_folds=4", "train.augment.enabled=false", "train.patience=null",
+                "model.channels=[8,16,32,64]",
+                "data.clinical_columns={age: numeric, sex: categorical, education_years: numeric, apoe4: numeric}"]
+
+
+@pytest.fixture(scope="session")
+def train_cohort(ray_session, tmp_path_factory):
+    """(root, overrides): the synthetic cohort under ``root/cohort``, prepared under ``root/prepared``."""
+    from jointray.config import load_config
+    from jointray.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("train")
+    overrides = [*TRAIN_COHORT, f"data.root={root / 'cohort'}", f"data.output={root / 'prepared'}"]
+    report = prepare_dataset(load_config(None, overrides))
+    assert report.prepared == 20
+    return root, overrides
+
+
+def cohort_cfg(train_cohort, storage, *extra):
+    """The training cohort's config with runs under ``storage`` and ``extra`` overrides."""
+    from jointray.config import load_config
+
+    root, overrides = train_cohort
+    return load_config(None, [*overrides, f"train.storage_path={storage}", *extra])
+
+
+@pytest.fixture(scope="session")
+def cross_validation(train_cohort, tmp_path_factory):
+    """Folds 0 and 1 of 4, one epoch each, trained side by side (half a CPU per worker), and their ensemble:
+    ``<storage>/cv``."""
+    from jointray.train.folds import plan_folds, run_cross_validation
+
+    storage = tmp_path_factory.mktemp("cross_validation")
+    cfg = cohort_cfg(train_cohort, storage, "train.name=cv", "train.epochs=1", "train.folds=[0,1]",
+                        "train.cpus_per_worker=0.5")
+    assert plan_folds(cfg, 2) == (2, 1.0)
+    return cfg, run_cross_validation(cfg, announce=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def one_epoch(cross_validation):
+    """(ensemble folder, fold 0's TrainResult): one run of one epoch with trained outcome heads, shared by the
+    tests that only read it."""
+    cfg, folds = cross_validation
+    return Path(cfg.train.storage_path) / "cv", folds.folds[0]
+
+
+@pytest.fixture
+def chromium():
+    """A headless Chromium driven by selenium (Debian's chromium and chromium-driver; ``make test`` installs
+    them as root); skipped where absent, a failure under CI=true."""
+    import shutil
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        message = "Debian's chromium and chromium-driver are needed (make test installs them as root)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1400,1000"):
+        options.add_argument(flag)
+    options.binary_location = shutil.which("chromium")
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+    yield driver
+    driver.quit()
+
+
 def zip_bytes(members: dict[str, bytes]) -> bytes:
     """A zip archive in memory with the given member names and contents."""
     buffer = io.BytesIO()

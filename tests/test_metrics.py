@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import warnings
 
 import numpy as np
@@ -26,7 +27,10 @@ from torchmetrics.classification import MulticlassCalibrationError
 from jointray.data.clinical import ClinicalSchema
 from jointray.losses.ordinal import cdr_to_class
 from jointray.metrics import (
+    BIN_CONFIDENCE,
+    BIN_COUNT,
     MISSING,
+    bins_calibration_error,
     bland_altman,
     class_calibration_error,
     concordance_index,
@@ -35,6 +39,7 @@ from jointray.metrics import (
     intraclass_correlation,
     ordinal_metrics,
     regression_metrics,
+    reliability_bins,
     segmentation_metrics,
     structure_volumes,
     summarize,
@@ -42,6 +47,8 @@ from jointray.metrics import (
     voxel_calibration_error,
 )
 from jointray.metrics.cohort import validation_keys, validation_metrics, volume_agreement
+from jointray.metrics.risk_groups import risk_groups
+from jointray.metrics.trust import uncertainty_and_review
 from jointray.tasks import JointOutput
 from jointray.train.batches import to_model_batch
 from jointray.train.validation import predict_cases
@@ -357,6 +364,62 @@ def test_voxel_calibration_error_equals_hand_ece_on_flattened_voxels():
     flat_probs = probs.permute(0, 2, 3, 4, 1).reshape(-1, 3).numpy()
     expected = _ece_by_hand(flat_probs, target.reshape(-1).numpy())
     assert voxel_calibration_error(probs, target) == pytest.approx(expected, abs=1e-6)
+
+
+def test_reliability_bins_of_separate_parts_add_up_to_torchmetrics_ece_of_all():
+    generator = torch.Generator().manual_seed(9)
+    probs = torch.softmax(3 * torch.randn(900, 3, generator=generator), dim=1)
+    probs[:40] = torch.tensor([1.0, 0.0, 0.0])  # exactly-1 confidences: torchmetrics' bin of their own
+    target = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    target[100:110] = MISSING
+    parts = [reliability_bins(probs[i:i + 300], target[i:i + 300]) for i in (0, 300, 600)]
+    summed = sum(parts)
+    assert summed.shape == (3, 16)
+    assert summed[BIN_COUNT].sum() == 890 and summed[BIN_COUNT, -1] == 40
+    assert bins_calibration_error(summed) == pytest.approx(class_calibration_error(probs, target), abs=1e-6)
+    confidence = probs.max(1).values[target != MISSING].double()
+    assert summed[BIN_CONFIDENCE].sum() == pytest.approx(float(confidence.sum()), rel=1e-12)
+    assert np.isnan(bins_calibration_error(np.zeros((3, 16))))
+
+
+def test_the_review_flags_recall_of_the_worst_decile_and_spearman_of_uncertainty_against_error():
+    rng = np.random.default_rng(10)
+    dice = rng.uniform(0.5, 0.95, 30)
+    entropy = 0.5 - 0.4 * dice + rng.normal(0, 0.05, 30)
+    flagged = np.zeros(30, bool)
+    worst = np.argsort(dice)[:3]
+    flagged[worst[:2]] = True  # two of the three worst
+    flagged[np.argsort(dice)[-1]] = True  # and the best case
+    rows = [{"has_label": True, "dice/a": d, "dice/b": d, "entropy/a": e, "entropy/b": math.nan,
+             "needs_review": f} for d, e, f in zip(dice, entropy, flagged)]
+    rows.append({"has_label": False, "entropy/a": 0.1, "entropy/b": 0.1, "needs_review": True})  # unlabelled
+    metrics = uncertainty_and_review(rows, {1: "a", 2: "b"})
+    rho, p = stats.spearmanr(entropy, 1 - dice)
+    assert metrics["uncertainty_error_spearman"] == pytest.approx(rho, abs=1e-12) and rho > 0.5
+    assert metrics["uncertainty_error_p"] == pytest.approx(p, rel=1e-9)
+    assert metrics["uncertainty_error_cases"] == 30
+    assert metrics["review_fraction"] == pytest.approx(4 / 31)
+    assert metrics["worst_decile_cases"] == 3 and metrics["review_recall_worst_decile"] == pytest.approx(2 / 3)
+
+
+def test_risk_tertiles_log_rank_matches_lifelines_and_ties_merge_groups():
+    from lifelines.statistics import multivariate_logrank_test
+
+    rng = np.random.default_rng(11)
+    risk = rng.normal(size=60)
+    time = rng.exponential(np.exp(-risk))
+    event = (rng.uniform(size=60) < 0.8).astype(float)
+    risk[5] = math.nan
+    groups = risk_groups(risk, time, event)
+    keep = ~np.isnan(risk)
+    assert groups.n == 59 and groups.group[5] == -1 and np.bincount(groups.group[keep]).tolist() == [20, 19, 20]
+    ranks = stats.rankdata(risk[keep], method="ordinal")  # tertiles by rank: 20, 19, 20 of 59
+    assert (groups.group[keep] == np.digitize(ranks, [20.5, 39.5])).all()
+    expected = multivariate_logrank_test(time[keep], groups.group[keep], event[keep])
+    assert groups.p == pytest.approx(expected.p_value, rel=1e-12) and groups.p < 0.05
+    tied = risk_groups(np.r_[np.zeros(10), np.ones(5)], np.arange(1.0, 16.0), np.ones(15))
+    assert set(tied.group) == {0, 1}  # ten tied risks fill the first two tertiles: one group
+    assert math.isnan(risk_groups(risk, time, np.zeros(60)).p)  # no event: nothing to test
 
 
 def test_voxel_subsample_keeps_voxel_label_pairs():

@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import requests
 import torch
 import yaml
 from conftest import MSD_TRAIN_CASES, REPO, shared_data, zip_bytes
+from matplotlib.image import imread
 from typer.testing import CliRunner
 
 from jointray.cli import app as cli
@@ -297,55 +299,64 @@ def test_the_cli_client_writes_masks_beside_the_inputs(server, tmp_path):
     assert "anterior" in result.output and "window" in result.output
 
 
-def test_the_web_viewer_draws_the_overlay_in_headless_chromium(server):
-    if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        message = "Debian's chromium and chromium-driver are needed (make test installs them as root)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    from selenium import webdriver
+def test_a_patient_report_comes_from_the_server_and_from_the_model_in_process(server, msd_checkpoint, tmp_path):
+    image_path, _ = _held_out(4)
+    stem = image_path.name.removesuffix(".nii.gz")
+    common = [str(image_path), "--mc-samples", "4", "--mc-mode", "full", "--report"]
+    for where, args in (("remote", ["--url", server, "--api-key-env", KEY_ENV]),
+                        ("local", ["--checkpoint", str(msd_checkpoint)])):
+        result = CliRunner().invoke(cli, ["predict", *common, *args, "--out", str(tmp_path / where)])
+        assert result.exit_code == 0, result.output
+        page = tmp_path / where / f"{stem}_report.html"
+        assert "report for" in result.output and f"{stem}_report.html" in result.output.replace("\n", "")
+        html = page.read_text()
+        assert re.findall(r'<section id="([^"]+)"', html) == ["review", "segmentation", "model"], where
+        images = re.findall(r'src="data:image/png;base64,([^"]+)" width="(\d+)" height="(\d+)"', html)
+        assert len(images) == 2  # the mask and the uncertainty views
+        for data, width, height in images:
+            png = base64.b64decode(data)
+            assert png[:8] == b"\x89PNG\r\n\x1a\n" and imread(io.BytesIO(png)).shape[:2] == (int(height), int(width))
+        assert "anterior" in html and "posterior" in html and "version" in html and "mean Dice" in html
+        assert "research software" in html and "not a diagnosis" in html
+        if shutil.which("chromium") or os.environ.get("CI") == "true":
+            assert (tmp_path / where / f"{stem}_report.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_the_web_viewer_draws_the_overlay_in_headless_chromium(server, chromium):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1400,1000"):
-        options.add_argument(flag)
-    options.binary_location = shutil.which("chromium")
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
-    try:
-        driver.get(f"{server}/")
-        wait = WebDriverWait(driver, 120)
-        state = lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")  # noqa: E731
-        wait.until(lambda d: state(d) == "locked")  # the server wants a key before it describes the model
-        driver.find_element(By.ID, "api-key").send_keys(os.environ[KEY_ENV], Keys.TAB)
-        wait.until(lambda d: state(d) == "ready")
-        driver.find_element(By.ID, "file").send_keys(str(_held_out(5)[0]))
-        driver.find_element(By.ID, "submit").click()
-        wait.until(lambda d: state(d) in ("done", "error"))
-        assert state(driver) == "done", driver.find_element(By.ID, "error").text
-        artifacts = REPO / "runs" / "test-artifacts"
-        artifacts.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(artifacts / "viewer.png"))
-        assert "anterior" in driver.find_element(By.ID, "results").text.lower()
-        badge = driver.find_element(By.ID, "review").text
-        assert badge.startswith(("✓ no review flag", "⚠ needs review")), badge
-        assert "volume SD threshold 10 % of the mean" in badge and "entropy threshold 0.75 nats" in badge, badge
-        overlay = driver.execute_script("""
-            const counts = {};
-            for (const id of ['axial', 'coronal', 'sagittal']) {
-              const c = document.getElementById(id), px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-              let coloured = 0;
-              for (let i = 0; i < px.length; i += 4) {
-                if (Math.abs(px[i] - px[i + 1]) > 40 || Math.abs(px[i + 1] - px[i + 2]) > 40) coloured++;
-              }
-              counts[id] = coloured;
-            }
-            return counts;""")
-        assert all(n > 20 for n in overlay.values()), overlay  # grey image plus coloured mask pixels in every view
-    finally:
-        driver.quit()
+    driver = chromium
+    driver.get(f"{server}/")
+    wait = WebDriverWait(driver, 120)
+    state = lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")  # noqa: E731
+    wait.until(lambda d: state(d) == "locked")  # the server wants a key before it describes the model
+    driver.find_element(By.ID, "api-key").send_keys(os.environ[KEY_ENV], Keys.TAB)
+    wait.until(lambda d: state(d) == "ready")
+    driver.find_element(By.ID, "file").send_keys(str(_held_out(5)[0]))
+    driver.find_element(By.ID, "submit").click()
+    wait.until(lambda d: state(d) in ("done", "error"))
+    assert state(driver) == "done", driver.find_element(By.ID, "error").text
+    artifacts = REPO / "runs" / "test-artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(artifacts / "viewer.png"))
+    assert "anterior" in driver.find_element(By.ID, "results").text.lower()
+    badge = driver.find_element(By.ID, "review").text
+    assert badge.startswith(("✓ no review flag", "⚠ needs review")), badge
+    assert "volume SD threshold 10 % of the mean" in badge and "entropy threshold 0.75 nats" in badge, badge
+    overlay = driver.execute_script("""
+        const counts = {};
+        for (const id of ['axial', 'coronal', 'sagittal']) {
+          const c = document.getElementById(id), px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+          let coloured = 0;
+          for (let i = 0; i < px.length; i += 4) {
+            if (Math.abs(px[i] - px[i + 1]) > 40 || Math.abs(px[i + 1] - px[i + 2]) > 40) coloured++;
+          }
+          counts[id] = coloured;
+        }
+        return counts;""")
+    assert all(n > 20 for n in overlay.values()), overlay  # grey image plus coloured mask pixels in every view
 
 
 def test_serve_build_agrees_with_the_config_file(msd_checkpoint, tmp_path):

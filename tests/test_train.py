@@ -8,55 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cohort_cfg
 
 from jointray.artifacts import STATE_FILE, CheckpointError, export_checkpoint, read_checkpoint, write_checkpoint
 from jointray.config import ConfigError, load_config
-from jointray.data.prepare import prepare_dataset
 from jointray.data.streaming import split_subjects
-from jointray.train.folds import plan_folds, run_cross_validation
+from jointray.train.tracking import HISTORY_FILE, read_history
 from jointray.train.trainer import FAULT_MARKER, plan_placement, run_training
 
-#: Small and fast: 20 synthetic subjects, 48³, augmentation off so two runs with one seed are comparable.
-BASE = ["data.format=synthetic", "data.synthetic.n_subjects=20", "preprocess.target_shape=[48,48,48]",
-        "train.batch_size=4", "train.n_folds=4", "train.augment.enabled=false", "train.patience=null",
-        "model.channels=[8,16,32,64]",
-        "data.clinical_columns={age: numeric, sex: categorical, education_years: numeric, apoe4: numeric}"]
 
-
-@pytest.fixture(scope="module")
-def prepared(ray_session, tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    overrides = [*BASE, f"data.root={root / 'cohort'}", f"data.output={root / 'prepared'}"]
-    report = prepare_dataset(load_config(None, overrides))
-    assert report.prepared == 20
-    return root, overrides
-
-
-def _cfg(prepared, tmp_path, *extra):
-    root, overrides = prepared
-    return load_config(None, [*overrides, f"train.storage_path={tmp_path}", *extra])
-
-
-@pytest.fixture(scope="module")
-def cross_validation(prepared, tmp_path_factory):
-    """Folds 0 and 1 of 4, one epoch each, trained side by side (half a CPU per worker), and their ensemble:
-    ``<storage>/cv``."""
-    storage = tmp_path_factory.mktemp("cross_validation")
-    cfg = _cfg(prepared, storage, "train.name=cv", "train.epochs=1", "train.folds=[0,1]", "train.cpus_per_worker=0.5")
-    assert plan_folds(cfg, 2) == (2, 1.0)
-    return cfg, run_cross_validation(cfg, announce=lambda _: None)
-
-
-@pytest.fixture(scope="module")
-def one_epoch(cross_validation):
-    """One run of one epoch, ``<storage>/fold_0`` (the cross-validation's first fold), shared by the tests
-    that only read it."""
-    cfg, folds = cross_validation
-    return Path(cfg.train.storage_path) / "cv", folds.folds[0]
-
-
-def test_training_run_exports_a_verified_best_checkpoint(prepared, tmp_path):
-    cfg = _cfg(prepared, tmp_path, "train.name=basic", "train.epochs=2", "train.mlflow=true")
+def test_training_run_exports_a_verified_best_checkpoint(train_cohort, tmp_path):
+    cfg = cohort_cfg(train_cohort, tmp_path, "train.name=basic", "train.epochs=2", "train.mlflow=true")
     result = run_training(cfg, announce=lambda _: None)
     assert result.best_dir == tmp_path / "basic" / "best"
     loaded = read_checkpoint(result.best_dir)
@@ -108,13 +70,13 @@ def test_a_model_without_heads_is_left_as_trained_by_the_refit(tmp_path):
     assert (folder / STATE_FILE).read_bytes() == before
 
 
-def test_trained_outcome_heads_are_reported_with_monte_carlo_intervals(prepared, one_epoch):
+def test_trained_outcome_heads_are_reported_with_monte_carlo_intervals(train_cohort, one_epoch):
     import pandas as pd
 
     from jointray.inference.predictor import Predictor
 
     _, result = one_epoch
-    root, _ = prepared
+    root, _ = train_cohort
     row = pd.read_csv(root / "cohort" / "manifest.csv").iloc[0]
     predictor = Predictor(result.best_dir, device="cpu")
     case = predictor.prepare(root / "cohort" / row["image"], {"age": float(row["age"]), "sex": str(row["sex"])})
@@ -147,10 +109,10 @@ def _same_metrics(a: dict[str, float], b: dict[str, float]) -> list[str]:
     return sorted(k for k in keys if not (a.get(k) == b.get(k) or (math.isnan(a.get(k, 0.0)) and math.isnan(b.get(k, 0.0)))))
 
 
-def _assert_resume_matches(prepared, tmp_path, *extra, fault_at: int, rtol=0.0):
-    clean = run_training(_cfg(prepared, tmp_path, "train.name=clean", *extra), announce=lambda _: None)
-    faulty = run_training(_cfg(prepared, tmp_path, "train.name=faulty", f"train.fault_at_step={fault_at}", *extra),
-                          announce=lambda _: None)
+def _assert_resume_matches(train_cohort, tmp_path, *extra, fault_at: int, rtol=0.0):
+    clean = run_training(cohort_cfg(train_cohort, tmp_path, "train.name=clean", *extra), announce=lambda _: None)
+    faulty = run_training(cohort_cfg(train_cohort, tmp_path, "train.name=faulty", f"train.fault_at_step={fault_at}",
+                                     *extra), announce=lambda _: None)
     assert (tmp_path / "faulty" / FAULT_MARKER).read_text() == f"fault injected at step {fault_at}\n"  # it died
     reference, resumed = _last_checkpoint(tmp_path / "clean"), _last_checkpoint(tmp_path / "faulty")
     assert (resumed.state["epoch"], resumed.state["step"]) == (reference.state["epoch"], reference.state["step"])
@@ -163,13 +125,13 @@ def _assert_resume_matches(prepared, tmp_path, *extra, fault_at: int, rtol=0.0):
     return clean, faulty
 
 
-def test_a_resumed_run_ends_bit_identical_to_the_uninterrupted_run(prepared, tmp_path):
+def test_a_resumed_run_ends_bit_identical_to_the_uninterrupted_run(train_cohort, tmp_path):
     # Augmentation, dropout and the shuffle buffer all draw random numbers: each must continue exactly.
     # 15 training subjects in batches of 4 = 4 steps an epoch. The crash comes at step 5, the first after
     # epoch 0's checkpoint was reported, sooner than Ray's controller polls for it: the run must still
     # restart from that checkpoint, not from scratch.
     # The weights' moving average (train.ema) is part of the state that must continue exactly.
-    clean, faulty = _assert_resume_matches(prepared, tmp_path, "train.epochs=2", "train.augment.enabled=true",
+    clean, faulty = _assert_resume_matches(train_cohort, tmp_path, "train.epochs=2", "train.augment.enabled=true",
                                            "train.augment.affine_prob=0.5", "train.ema=0.9", fault_at=5)
     assert _same_metrics(clean.final_metrics, faulty.final_metrics) == []
     state = _last_checkpoint(tmp_path / "clean").state
@@ -181,7 +143,7 @@ def test_a_resumed_run_ends_bit_identical_to_the_uninterrupted_run(prepared, tmp
 
 
 def test_two_workers_resume_to_the_same_weights_validating_every_subject_once_with_identical_replicas(
-        prepared, tmp_path):
+        train_cohort, tmp_path):
     """Two workers, a crash at step 4 (the last step of epoch 1; 2 steps an epoch), resumed from epoch 0.
 
     Each rank restores its own generators and the data split is the same in both runs, so the weights end
@@ -191,9 +153,9 @@ def test_two_workers_resume_to_the_same_weights_validating_every_subject_once_wi
     agree too, and resume with the rest."""
     extra = ("train.epochs=2", "train.workers=2", "train.augment.enabled=true", "train.balancer.kind=uncertainty",
              "train.loss.deep_supervision=[1,0,0]")
-    clean, faulty = _assert_resume_matches(prepared, tmp_path, *extra, fault_at=4, rtol=1e-6)
+    clean, faulty = _assert_resume_matches(train_cohort, tmp_path, *extra, fault_at=4, rtol=1e-6)
     assert clean.final_metrics["val/dice"] == pytest.approx(faulty.final_metrics["val/dice"], rel=1e-6)
-    cfg = _cfg(prepared, tmp_path)
+    cfg = cohort_cfg(train_cohort, tmp_path)
     _, val_ids = split_subjects(cfg.train.prepared or cfg.data.output, cfg.train.n_folds, cfg.train.fold,
                                 cfg.train.seed)
     for run in ("clean", "faulty"):
@@ -204,20 +166,25 @@ def test_two_workers_resume_to_the_same_weights_validating_every_subject_once_wi
     assert clean.final_metrics["step"] == 2 * 2  # ceil(15 / 2 workers / batch 4) = 2 steps an epoch
 
 
-def test_the_wall_clock_budget_ends_an_all_cases_run_whose_last_checkpoint_is_exported(prepared, tmp_path):
+def test_the_wall_clock_budget_ends_an_all_cases_run_whose_last_checkpoint_is_exported(train_cohort, tmp_path):
     # With a budget, train.epochs no longer ends the run: one epoch takes a few seconds, and the run goes
     # on for the whole 15-second budget, then stops, still validated and saved.
-    result = run_training(_cfg(prepared, tmp_path, "train.name=budget", "train.epochs=1", "train.max_minutes=0.25",
-                               "train.fold=all"), announce=lambda _: None)
+    result = run_training(cohort_cfg(train_cohort, tmp_path, "train.name=budget", "train.epochs=1",
+                                     "train.max_minutes=0.25", "train.fold=all"), announce=lambda _: None)
     assert result.final_metrics["stopped"] == 1.0 and result.final_metrics["epoch"] >= 1
     assert result.final_metrics["elapsed_s"] >= 15
     assert math.isfinite(result.final_metrics["val/dice"])
     last = read_checkpoint(max((tmp_path / "budget").glob("epoch_*"))).state
     assert last["epoch"] == result.final_metrics["epoch"]
-    # nnU-Net's "all" fold: every subject trains (and is validated on, as a monitor); the last checkpoint
-    # is exported as trained, without choosing by score or refitting the heads on training cases.
+    # nnU-Net's "all" fold: every subject trains; the last checkpoint is exported as trained, without
+    # choosing by score or refitting the heads on training cases. Only that epoch is validated (on the
+    # training cases, as its figures): scoring the others would choose nothing and cost training time.
     best = read_checkpoint(result.best_dir)
     assert best.state["epoch"] == last["epoch"] and result.metrics["val/cases"] == 20
+    history = read_history(tmp_path / "budget" / HISTORY_FILE)
+    assert [e["epoch"] for e in history] == list(range(int(last["epoch"]) + 1))
+    assert ["val/dice" in e for e in history] == [False] * int(last["epoch"]) + [True]
+    assert all("train/seg" in e for e in history)  # the learning curves are there for every epoch
     assert not any(k.startswith(("refit/", "prerefit/")) for k in best.metrics)
     # The budget, not the epoch count, set the schedule: the learning rate annealed to zero by its end.
     assert result.final_metrics["lr"] < 1e-5
@@ -242,30 +209,30 @@ def test_corrupt_or_half_written_checkpoints_are_never_loaded(one_epoch, tmp_pat
     assert state["epoch"] == 0
 
 
-def test_bad_requests_fail_before_training(prepared, tmp_path):
+def test_bad_requests_fail_before_training(train_cohort, tmp_path):
     with pytest.raises(ConfigError, match=r"train.workers=3 is more than the 2 CPUs"):
-        plan_placement(_cfg(prepared, tmp_path, "train.workers=3"))
+        plan_placement(cohort_cfg(train_cohort, tmp_path, "train.workers=3"))
     with pytest.raises(ConfigError, match="no prepared shards at /nonexistent"):
-        run_training(_cfg(prepared, tmp_path, "train.prepared=/nonexistent"))
+        run_training(cohort_cfg(train_cohort, tmp_path, "train.prepared=/nonexistent"))
     with pytest.raises(ConfigError, match="fold=all validates on training cases"):
-        _cfg(prepared, tmp_path, "train.fold=all", "train.patience=5")
+        cohort_cfg(train_cohort, tmp_path, "train.fold=all", "train.patience=5")
     with pytest.raises(ConfigError, match="train.balancer.kind: got 'magic'"):
-        _cfg(prepared, tmp_path, "train.balancer.kind=magic")
+        cohort_cfg(train_cohort, tmp_path, "train.balancer.kind=magic")
     with pytest.raises(ConfigError, match="prepare again with this config"):
-        run_training(_cfg(prepared, tmp_path, "preprocess.intensity.mode=percentile"))
+        run_training(cohort_cfg(train_cohort, tmp_path, "preprocess.intensity.mode=percentile"))
     with pytest.raises(ConfigError, match="needs two views"):
-        run_training(_cfg(prepared, tmp_path, "model.variant=dv"))
+        run_training(cohort_cfg(train_cohort, tmp_path, "model.variant=dv"))
 
 
-def test_resuming_another_model_variant_is_refused(prepared, one_epoch):
+def test_resuming_another_model_variant_is_refused(train_cohort, one_epoch):
     storage, _ = one_epoch
     with pytest.raises(ConfigError, match="holds a run of model v2 .* this config asks for dv1"):
-        run_training(_cfg(prepared, storage, "train.name=fold_0", "train.resume=true", "model.variant=dv1"))
+        run_training(cohort_cfg(train_cohort, storage, "train.name=fold_0", "train.resume=true", "model.variant=dv1"))
     meta = json.loads(next((storage / "fold_0").glob("epoch_*/meta.json")).read_text())
     assert meta["config"]["model"]["variant"] == "v2"
 
 
-def test_cross_validation_ensembles_its_folds_and_chooses_post_processing_out_of_fold(prepared, cross_validation,
+def test_cross_validation_ensembles_its_folds_and_chooses_post_processing_out_of_fold(train_cohort, cross_validation,
                                                                                         tmp_path):
     """Each fold validated on its own quarter; the out-of-fold figures are each fold's checkpoint on its own
     validation cases (Dice as the Predictor scores them, with MONAI); the ensemble folder's probabilities are
@@ -276,7 +243,7 @@ def test_cross_validation_ensembles_its_folds_and_chooses_post_processing_out_of
     from jointray.inference.predictor import Predictor
 
     cfg, folds = cross_validation
-    root, _ = prepared
+    root, _ = train_cohort
     ensemble = Path(cfg.train.storage_path) / "cv"
     manifest = json.loads((ensemble / "ensemble.json").read_text())
     assert manifest["members"] == ["fold_0/best", "fold_1/best"]

@@ -85,6 +85,24 @@ def answer(predictor: Predictor, case: PreparedCase, prediction: CasePrediction,
     }
 
 
+def report_page(predictor: Predictor, case: PreparedCase, prediction: CasePrediction, body: dict[str, Any]) -> str:
+    """The per-patient HTML report of ``prediction`` (:mod:`jointray.report.patient`), with the clinical
+    features' attributions where the model reads a clinical record; needs the entropy map
+    (``finish(..., entropy_map=True)``) for its uncertainty view and the case's display copy of the input.
+    Grad-CAM maps stay out of it: on MSD hippocampus they do not single out the structures
+    (``jointray explain`` writes them, for study)."""
+    from jointray.inference.explain import explain_case  # captum, matplotlib and jinja2 load only for a report
+    from jointray.report.document import to_html
+    from jointray.report.patient import patient_document
+
+    explanation = explain_case(predictor, case, maps=False)
+    explanation = explanation if explanation.attributions else None
+    document = patient_document(body, case.original[0], case.geometry.original_affine, prediction.mask,
+                                prediction.entropy, predictor.metrics, predictor.config.model.num_classes,
+                                explanation)
+    return to_html(document)
+
+
 def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array, dtype=np.uint8).tobytes()).decode("ascii")
 

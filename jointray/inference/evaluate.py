@@ -35,7 +35,11 @@ from jointray.data.records import CaseRecord, Quarantined
 from jointray.data.sources import scan_path
 from jointray.inference.answers import mask_image
 from jointray.inference.predictor import CasePrediction, Predictor
+from jointray.metrics.calibration import bins_calibration_error
 from jointray.metrics.cohort import validation_metrics, volume_agreement
+from jointray.metrics.risk_groups import risk_groups
+from jointray.metrics.trust import trust_metrics
+from jointray.models import MC_MODES
 
 MASKS_DIR = "masks"
 CASES_FILE = "cases.csv"
@@ -52,6 +56,11 @@ class EvaluationReport:
     metrics: dict[str, float] = field(default_factory=dict)
     out: str = ""
     tta: bool = True
+    mc_samples: int = 1
+    mc_mode: str = "heads"
+    interval: float = 0.9  # central probability of the per-case intervals
+    # region ("all", "foreground") → summed voxel reliability bins (jointray.metrics.calibration)
+    reliability: dict[str, list[list[float]]] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
     def to_json(self) -> str:
@@ -78,16 +87,18 @@ def write_mask(prediction: CasePrediction, path: Path) -> None:
 class PredictorActor:
     """One Ray Data actor: a Predictor loaded once, applied to batches of serialised records."""
 
-    def __init__(self, checkpoint: list[str], masks_dir: str, threads: int, tta: bool):
+    def __init__(self, checkpoint: list[str], masks_dir: str, threads: int, tta: bool, mc_samples: int, mc_mode: str):
         torch.set_num_threads(threads)
         inference = read_config(checkpoint[0]).inference.model_copy(update={"mirror": tta})
         self.predictor = Predictor(checkpoint, inference=inference)
         self.masks_dir = Path(masks_dir)
+        self.mc_samples, self.mc_mode = mc_samples, mc_mode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records = [CaseRecord.from_json(text) for text in batch["record"]]
         rows = []
-        for result, name in zip(self.predictor.predict_batch(records), batch["mask_name"]):
+        predictions = self.predictor.predict_batch(records, self.mc_samples, self.mc_mode)
+        for result, name in zip(predictions, batch["mask_name"]):
             if isinstance(result, Quarantined):
                 rows.append(json.dumps({"quarantined": asdict(result)}))
                 continue
@@ -95,7 +106,10 @@ class PredictorActor:
             if result.mask is not None:
                 write_mask(result, self.masks_dir / str(name))
                 row["mask"] = str(self.masks_dir / str(name))
-            rows.append(json.dumps({"case": row}))
+                flagged, reasons = self.predictor.review(result)
+                row |= {"needs_review": flagged, "review_reasons": "; ".join(reasons)}
+            reliability = {region: bins.tolist() for region, bins in result.reliability.items()}
+            rows.append(json.dumps({"case": row, "reliability": reliability}))
         return {"result": np.array(rows, dtype=object)}
 
 
@@ -114,8 +128,11 @@ def summarize_cases(rows: list[dict[str, Any]], structures: dict[int, str], cdr_
         :func:`~jointray.metrics.cohort.validation_metrics` without its ``val/`` prefix (``cases``; per
         structure ``dice/``, ``hd95/`` in mm with a miss at its worst case, and ``missed/`` counts;
         outcome scores), ``mean_volume/<name>_mm3`` over every row, ``mean_volume_ref/<name>_mm3`` over
-        the labelled ones, and :func:`~jointray.metrics.cohort.volume_agreement` (ICC, Bland–Altman,
-        volume errors).
+        the labelled ones, :func:`~jointray.metrics.cohort.volume_agreement` (ICC, Bland–Altman,
+        volume errors), :func:`~jointray.metrics.trust.trust_metrics` (uncertainty against error, the
+        review flag, MMSE interval coverage, CDR calibration) and, with a risk head, the log-rank test
+        of the predicted-risk tertiles (``risk_logrank_statistic``, ``risk_logrank_p``;
+        :mod:`jointray.metrics.risk_groups`).
     """
     for row in rows:
         for name in structures.values():
@@ -127,7 +144,12 @@ def summarize_cases(rows: list[dict[str, Any]], structures: dict[int, str], cdr_
             values = [r[prefix + name] for r in rows if prefix + name in r]
             if values:
                 metrics[f"mean_{prefix}{name}_mm3"] = float(np.mean(values))
-    return metrics | volume_agreement(rows, structures)
+    metrics |= volume_agreement(rows, structures) | trust_metrics(rows, structures, cdr_classes)
+    if any("pred_risk" in r for r in rows):
+        columns = [[r.get(k, math.nan) for r in rows] for k in ("pred_risk", "time", "event")]
+        groups = risk_groups(*columns)
+        metrics |= {"risk_logrank_statistic": groups.statistic, "risk_logrank_p": groups.p}
+    return metrics
 
 
 def _pool_size(requested: int | None, n_cases: int) -> int:
@@ -137,13 +159,19 @@ def _pool_size(requested: int | None, n_cases: int) -> int:
 
 def evaluate(checkpoint: str | Path | list[str | Path], data: str | Path, out: str | Path,
              labels: str | Path | None = None, workers: int | None = None, batch_size: int = 2,
-             tta: bool = True) -> EvaluationReport:
+             tta: bool = True, mc_samples: int = 1, mc_mode: str | None = None) -> EvaluationReport:
     """Run ``checkpoint`` (a model, an ensemble, or a list of them to average) over ``data`` (needs a Ray
     instance; ``ray.init`` done by the caller); ``tta``: test-time mirroring (see
-    :class:`~jointray.inference.predictor.Predictor`)."""
+    :class:`~jointray.inference.predictor.Predictor`); ``mc_samples`` > 1: Monte Carlo samples per case
+    (``mc_mode`` as in :data:`jointray.models.MC_MODES`, default the config's), for the per-case intervals
+    and the uncertainty figures."""
     started = time.perf_counter()
     sources = [str(Path(c).resolve()) for c in (checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])]
     cfg = load_models(sources).members[0].config  # a missing or corrupt model fails here, before any actor starts
+    mc_mode = mc_mode or cfg.inference.mc_mode
+    if mc_samples < 1 or mc_samples > cfg.inference.max_mc_samples or mc_mode not in MC_MODES:
+        raise ConfigError(f"mc_samples={mc_samples} must be from 1 to inference.max_mc_samples="
+                          f"{cfg.inference.max_mc_samples} and mc_mode={mc_mode!r} one of {list(MC_MODES)}")
     data_cfg: DataConfig = cfg.data
     scan = scan_path(Path(data), data_cfg, None if labels is None else Path(labels))
     if not scan.records and not scan.rejected:
@@ -152,6 +180,7 @@ def evaluate(checkpoint: str | Path | list[str | Path], data: str | Path, out: s
     masks_dir = out / MASKS_DIR
     masks_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    reliability: dict[str, np.ndarray] = {}
     quarantined = list(scan.rejected)
     if scan.records:
         pool = _pool_size(workers, len(scan.records))
@@ -162,7 +191,8 @@ def evaluate(checkpoint: str | Path | list[str | Path], data: str | Path, out: s
         results = ds.map_batches(
             PredictorActor,
             fn_constructor_kwargs={"checkpoint": sources, "masks_dir": str(masks_dir.resolve()),
-                                   "threads": max(1, int(cpus // pool)), "tta": tta},
+                                   "threads": max(1, int(cpus // pool)), "tta": tta, "mc_samples": mc_samples,
+                                   "mc_mode": mc_mode},
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=pool),
             num_cpus=1,
@@ -174,14 +204,19 @@ def evaluate(checkpoint: str | Path | list[str | Path], data: str | Path, out: s
                 quarantined.append(Quarantined(**payload["quarantined"]))
             else:
                 rows.append(payload["case"])
+                for region, bins in payload["reliability"].items():
+                    reliability[region] = reliability.get(region, 0) + np.asarray(bins)
     rows.sort(key=lambda r: r["subject_id"])
     quarantined.sort(key=lambda q: (q.stage, q.path))
     structures = {k: v for k, v in data_cfg.label_names.items() if k != 0}
     metrics = summarize_cases(rows, structures, cfg.model.cdr_classes) if rows else {}
+    metrics |= {f"voxel_ece/{region}": bins_calibration_error(bins) for region, bins in reliability.items()}
     pd.DataFrame(rows).to_csv(out / CASES_FILE, index=False)
     report = EvaluationReport(checkpoint=", ".join(sources), data=str(data),
                               inputs=len(scan.records) + len(scan.rejected),
                               predicted=len(rows), quarantined=quarantined, metrics=metrics, out=str(out), tta=tta,
+                              mc_samples=mc_samples, mc_mode=mc_mode, interval=cfg.inference.interval,
+                              reliability={region: bins.tolist() for region, bins in reliability.items()},
                               elapsed_s=round(time.perf_counter() - started, 2))
     (out / SUMMARY_FILE).write_text(report.to_json())
     return report

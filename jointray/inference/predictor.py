@@ -40,7 +40,7 @@ from jointray.inference.cases import CasePreparer, PreparedCase
 from jointray.inference.forward import ForwardResult, ForwardSettings, mirror_sets, sliding_forward, window_forward
 from jointray.inference.postprocess import keep_largest_component
 from jointray.losses.ordinal import class_to_cdr
-from jointray.metrics import segmentation_metrics
+from jointray.metrics import reliability_bins, segmentation_metrics
 from jointray.models import MC_MODES, build_model
 from jointray.models.layout import image_in_layout, to_layout
 from jointray.precision import autocast_for
@@ -74,7 +74,10 @@ class CasePrediction:
     ``volume_estimates``: their MC estimates; ``outcomes``: point predictions under the keys ``evaluate``
     reports (``pred_mmse``, ``pred_cdr``, ``pred_cdr_stage``, ``pred_risk``); ``outcome_estimates``:
     ``mmse`` and ``risk`` as :class:`Estimate`, ``cdr`` as stage → mean probability; ``uncertainty``:
-    mean entropy and mutual information inside each predicted structure.
+    mean entropy and mutual information inside each predicted structure; ``reliability``, on labelled
+    cases: :func:`~jointray.metrics.calibration.reliability_bins` of the voxel probabilities against the
+    reference, over ``all`` voxels of the input grid and over the ``foreground`` (voxels that the
+    prediction or the reference calls a structure: the rest is confident background).
     """
 
     record: CaseRecord | None
@@ -92,18 +95,35 @@ class CasePrediction:
     mc_samples: int = 1
     mc_mode: str = "heads"
     seconds: dict[str, float] = field(default_factory=dict)
+    reliability: dict[str, np.ndarray] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         """One flat per-case row: volumes, predictions, targets, errors and metrics (NaN = not available).
 
-        The keys are those that :func:`jointray.metrics.cohort.validation_metrics` summarises.
+        The keys are those that :func:`jointray.metrics.cohort.validation_metrics` summarises, and
+        ``entropy/<name>`` and ``mutual_information/<name>`` per structure, ``prob_cdr/<stage>``, with
+        ``mc_samples`` > 1 the intervals (``volume_low/<name>``, ``volume_high/<name>``, ``pred_mmse_low``,
+        ``pred_mmse_high``, ``pred_risk_low``, ``pred_risk_high``), and ``label`` (the reference's path).
         """
         record = self.record
         row: dict[str, Any] = {"subject_id": record.subject_id if record else self.name,
                                "image": record.images[0] if record else self.name,
                                "has_label": bool(record and record.label is not None)}
         row |= {f"volume/{name}": v for name, v in self.volumes_mm3.items()}
+        for name, figures in self.uncertainty.items():
+            row |= {f"{kind}/{name}": value for kind, value in figures.items()}
         row |= self.outcomes
+        if self.mc_samples > 1:  # one pass has no spread: its interval would be a point
+            for name, estimate in self.volume_estimates.items():
+                row[f"volume_low/{name}"], row[f"volume_high/{name}"] = estimate.interval
+            for name in ("mmse", "risk"):
+                if name in self.outcome_estimates:
+                    row[f"pred_{name}_low"], row[f"pred_{name}_high"] = self.outcome_estimates[name].interval
+        if "cdr" in self.outcome_estimates:
+            row |= {f"prob_cdr/{stage}": p for stage, p in self.outcome_estimates["cdr"]["probabilities"].items()}
+        row["mc_samples"] = self.mc_samples
+        if record is not None and record.label is not None:
+            row["label"] = record.label
         for name in ("mmse", "cdr", "time", "event"):
             value = record.targets.get(name) if record else None
             row[name] = math.nan if value is None else float(value)
@@ -197,18 +217,19 @@ class Predictor:
         results: list[ForwardResult | None] = [None] * len(cases)
         windowed = [i for i, c in enumerate(cases) if c.path == "window"]
         for i in (i for i, c in enumerate(cases) if c.path != "window"):
-            image, clinical, vv, inside = self._tensors([cases[i]])
+            image, clinical, vv, inside = self.tensors([cases[i]])
             results[i] = sliding_forward(self.models, image, clinical, vv, inside, tuple(self.spec.target_shape),
                                          samples, mode, self.inference.overlap, self.inference.sigma_scale,
                                          self.spec.pad_value, self.settings)
         if windowed:
-            image, clinical, vv, inside = self._tensors([cases[i] for i in windowed])
+            image, clinical, vv, inside = self.tensors([cases[i] for i in windowed])
             for i, result in zip(windowed, window_forward(self.models, image, clinical, vv, inside, samples, mode,
                                                           self.settings)):
                 results[i] = result
         return results  # type: ignore[return-value]
 
-    def _tensors(self, cases: list[PreparedCase]):
+    def tensors(self, cases: list[PreparedCase]):
+        """(image, clinical per member, voxel volumes, inside-the-input masks) of prepared cases, on the device."""
         image = image_in_layout(torch.from_numpy(np.stack([c.image for c in cases])).to(self.device),
                                 self.config.train.channels_last)
         columns = clinical_columns(cases, self.schema)
@@ -246,9 +267,8 @@ class Predictor:
     def _finish_segmentation(self, case: PreparedCase, result: ForwardResult, prediction: CasePrediction,
                              entropy_map: bool, level: float) -> None:
         geometry = case.geometry
-        prediction.mask = keep_largest_component(
-            restore_to_original(result.probabilities, geometry, mode="linear").argmax(0).astype(np.uint8),
-            self.largest_component)
+        probabilities = restore_to_original(result.probabilities, geometry, mode="linear")
+        prediction.mask = keep_largest_component(probabilities.argmax(0).astype(np.uint8), self.largest_component)
         if entropy_map:
             prediction.entropy = restore_to_original(result.entropy, geometry, mode="linear").astype(np.float32)
         voxel_mm3 = abs(float(np.linalg.det(geometry.original_affine[:3, :3])))
@@ -271,6 +291,11 @@ class Predictor:
             ref = np.bincount(case.label.ravel(), minlength=max(self.structures) + 1)
             prediction.metrics |= {f"volume_ref/{name}": float(ref[k]) * voxel_mm3
                                    for k, name in self.structures.items()}
+            voxels = torch.from_numpy(np.ascontiguousarray(probabilities.reshape(len(probabilities), -1).T))
+            label = torch.from_numpy(case.label.reshape(-1).astype(np.int64))
+            foreground = torch.from_numpy(((probabilities.argmax(0) > 0) | (case.label > 0)).reshape(-1))
+            prediction.reliability = {"all": reliability_bins(voxels, label),
+                                      "foreground": reliability_bins(voxels[foreground], label[foreground])}
 
     @staticmethod
     def _inside(case: PreparedCase) -> np.ndarray:

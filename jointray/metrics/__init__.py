@@ -5,11 +5,16 @@ definitions, shapes and undefined cases; :mod:`jointray.metrics.aggregate` summa
 
 from jointray.metrics.aggregate import summarize
 from jointray.metrics.calibration import (
+    BIN_CONFIDENCE,
+    BIN_CORRECT,
+    BIN_COUNT,
     IntervalCoverage,
+    bins_calibration_error,
     class_calibration_error,
     flatten_voxels,
     interval_coverage,
     predictive_interval,
+    reliability_bins,
     voxel_calibration_error,
 )
 from jointray.metrics.ordinal import MISSING, ordinal_metrics
@@ -26,11 +31,15 @@ from jointray.metrics.volume import (
 )
 
 __all__ = [
+    "BIN_CONFIDENCE",
+    "BIN_CORRECT",
+    "BIN_COUNT",
     "MISSING",
     "BlandAltman",
     "IntervalCoverage",
     "Spacing",
     "Structures",
+    "bins_calibration_error",
     "bland_altman",
     "class_calibration_error",
     "concordance_index",
@@ -40,6 +49,7 @@ __all__ = [
     "ordinal_metrics",
     "predictive_interval",
     "regression_metrics",
+    "reliability_bins",
     "segmentation_metrics",
     "structure_volumes",
     "summarize",

@@ -13,6 +13,11 @@ voxels may be drawn to bound memory: each bin's accuracy and confidence are then
 estimates, while the ECE, a sum of absolute differences, is biased upwards when bins hold few
 voxels (negligible at 10⁵ voxels or more).
 
+**Reliability bins** (:func:`reliability_bins`) hold, per bin, the count, the sum of confidences and
+the number correct: bins of separate cases add up, so a cohort's reliability diagram and ECE
+(:func:`bins_calibration_error`) come from every voxel of every case without keeping the voxels, and
+equal torchmetrics' ECE of all of them pooled.
+
 **Coverage** of Monte Carlo predictive intervals: from T samples per subject (e.g. MC dropout), the
 central interval at level q runs from the (1 − q)/2 to the (1 + q)/2 sample quantile (linear
 interpolation, ``torch.quantile``); coverage is the fraction of targets inside it (bounds included)
@@ -22,8 +27,10 @@ too narrow, so T should be in the hundreds for q = 0.9.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_calibration_error
@@ -50,6 +57,47 @@ def class_calibration_error(probs: Tensor, target: Tensor, n_bins: int = 15) -> 
     if not bool(present.any()):
         return float("nan")
     return float(multiclass_calibration_error(probs[present], target[present], probs.shape[1], n_bins, norm="l1"))
+
+
+#: Rows of :func:`reliability_bins`' array.
+BIN_COUNT, BIN_CONFIDENCE, BIN_CORRECT = 0, 1, 2
+
+
+def reliability_bins(probs: Tensor, target: Tensor, n_bins: int = 15) -> np.ndarray:
+    """Per-bin sums of a reliability diagram, binned exactly as :func:`class_calibration_error` bins.
+
+    Args:
+        probs: (N, K) class probabilities, one row per prediction (a voxel, a subject).
+        target: (N,) integer classes in 0..K−1, ``MISSING`` (−1) where unknown (left out).
+        n_bins: number of equal-width confidence bins.
+
+    Returns:
+        (3, n_bins + 1) float64: rows :data:`BIN_COUNT`, :data:`BIN_CONFIDENCE` (sum of top-label
+        confidences) and :data:`BIN_CORRECT` (predictions whose top label is the target); the last
+        column holds the confidences of exactly 1 (torchmetrics' bucketing). Arrays of separate
+        predictions add up.
+    """
+    probs = torch.as_tensor(probs)
+    target = torch.as_tensor(target, device=probs.device).long().reshape(-1)
+    if probs.ndim != 2 or probs.shape[0] != target.shape[0]:
+        raise ValueError(f"probs must be (N, K) and target (N,), got {tuple(probs.shape)} and {tuple(target.shape)}")
+    present = target != MISSING
+    confidence, predicted = probs[present].max(dim=1)
+    correct = (predicted == target[present]).to(confidence.dtype)
+    boundaries = torch.linspace(0, 1, n_bins + 1, dtype=confidence.dtype, device=confidence.device)
+    index = torch.bucketize(confidence, boundaries, right=True) - 1
+    bins = torch.zeros(3, n_bins + 1, dtype=torch.float64, device=confidence.device)
+    for row, values in ((BIN_COUNT, torch.ones_like(confidence)), (BIN_CONFIDENCE, confidence), (BIN_CORRECT, correct)):
+        bins[row].scatter_add_(0, index, values.double())
+    return bins.cpu().numpy()
+
+
+def bins_calibration_error(bins: np.ndarray) -> float:
+    """Top-label ECE (L1) from :func:`reliability_bins` sums: Σ_bins |correct − confidence sum| / N; NaN
+    when the bins are empty."""
+    bins = np.asarray(bins, dtype=np.float64)
+    total = bins[BIN_COUNT].sum()
+    return float(np.abs(bins[BIN_CORRECT] - bins[BIN_CONFIDENCE]).sum() / total) if total > 0 else math.nan
 
 
 def flatten_voxels(

@@ -38,7 +38,7 @@ from starlette.datastructures import UploadFile
 
 from jointray.config import InferenceConfig
 from jointray.data.errors import InputError
-from jointray.inference.answers import answer, mask_files, mask_image, nifti_gz, viewer_arrays
+from jointray.inference.answers import answer, mask_files, mask_image, nifti_gz, report_page, viewer_arrays
 from jointray.inference.cases import PreparedCase
 from jointray.inference.predictor import Predictor
 
@@ -206,15 +206,19 @@ class Ingress:
     # -- routes ----------------------------------------------------------------------------------------------
     @api.post("/v1/predict", openapi_extra=_PREDICT_BODY,
               summary="Segment the hippocampus and predict outcomes, with Monte Carlo uncertainty")
-    async def predict(self, request: Request, viewer: bool = False, mask: bool = False):
+    async def predict(self, request: Request, viewer: bool = False, mask: bool = False, report: bool = False):
         """Structure volumes (mm³) with intervals, outcome predictions for the trained heads, uncertainty
         inside each structure, a review flag, the inference path and per-stage timings. ``viewer=true`` adds
         the input, mask and entropy as small arrays for the web viewer; ``mask=true`` adds the mask as a
-        base64 ``.nii.gz`` (``mask_nii_gz_base64``), saving a client a second request. ``mc_samples`` and
+        base64 ``.nii.gz`` (``mask_nii_gz_base64``), saving a client a second request; ``report=true`` adds
+        the per-patient HTML report (``report_html``: slices with the mask and the uncertainty, volumes and
+        outcomes with intervals, the review flag, the model's validation figures). ``mc_samples`` and
         ``mc_mode`` may also be given as query parameters."""
         async def handle():
-            case, prediction, seconds = await self._predict(request, entropy_map=viewer)
+            case, prediction, seconds = await self._predict(request, entropy_map=viewer or report)
             body = answer(self.predictor, case, prediction, seconds)
+            if report:
+                body["report_html"] = await asyncio.to_thread(report_page, self.predictor, case, prediction, dict(body))
             if prediction.mask is not None and viewer:
                 body["viewer"] = viewer_arrays(case, prediction, self.predictor.config.model.num_classes,
                                                self.predictor.structures)

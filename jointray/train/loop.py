@@ -169,7 +169,11 @@ class JointTrainer:
             # error): its weights are garbage, and predicting with them proves nothing.
             diverged = self.comms.max(float(not all(math.isfinite(v) for v in losses.values()))) > 0
             self.stop = self.stop or diverged
-            metrics = (self.unvalidated() if diverged else self.validate(phase)) | self.replicas_in_sync()
+            # nnU-Net's "all" fold validates on training cases, which chooses nothing: only the last epoch
+            # is scored (as the exported model's figures), and the time goes to training.
+            last = self.stop or (not math.isfinite(self.budget_s) and self.epoch + 1 >= train.epochs)
+            scored = not diverged and (train.fold != "all" or last)
+            metrics = (self.validate(phase) if scored else self.unvalidated()) | self.replicas_in_sync()
             metrics["diverged"] = float(diverged)
             score = combined_score(metrics, train.score)
             improved = not math.isnan(score) and score > self.best
@@ -236,7 +240,8 @@ class JointTrainer:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
-        self.tracker = Tracker(cfg, lc.get("tensorboard_dir"), lc.get("mlflow_uri"), checkpoint is not None) \
+        self.tracker = Tracker(cfg, lc.get("tensorboard_dir"), lc.get("mlflow_uri"), checkpoint is not None,
+                               lc.get("history_file")) \
             if rank == 0 else None
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.warmup_steps = int(cfg.train.warmup_epochs * self.steps_per_epoch)

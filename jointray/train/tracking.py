@@ -1,6 +1,10 @@
-"""Experiment tracking from the rank-0 worker: TensorBoard event files, and MLflow when enabled.
+"""Experiment tracking from the rank-0 worker: a JSON-lines history, TensorBoard event files, and MLflow
+when enabled.
 
-TensorBoard (``tensorboardX``) writes ``<run>/tensorboard/events.out.tfevents.*``. MLflow
+``<run>/history.jsonl`` holds one line per reported epoch, every scalar metric with its epoch: what
+``jointray report`` draws the learning curves from, readable without TensorBoard. A resumed run
+appends the epochs it repeats; :func:`read_history` keeps the last line of each epoch. TensorBoard
+(``tensorboardX``) writes ``<run>/tensorboard/events.out.tfevents.*``. MLflow
 (``train.mlflow: true``) logs the whole config as flattened, dotted parameters and every epoch's
 metrics to ``train.mlflow_tracking_uri`` — by default a local SQLite file, ``<run>/mlflow.db``
 (MLflow 3 keeps its plain file store in maintenance mode, behind an opt-in). A worker restarted
@@ -9,14 +13,27 @@ after a failure continues the same MLflow run, found by its run name, instead of
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from jointray.config import Config
 
 #: MLflow refuses longer parameter values.
 MLFLOW_PARAM_LIMIT = 6000
+HISTORY_FILE = "history.jsonl"
+
+
+def read_history(path: str | Path) -> list[dict[str, float]]:
+    """The epochs of a ``history.jsonl``, in epoch order, the last line of each epoch winning."""
+    epochs: dict[int, dict[str, float]] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            epochs[int(entry["epoch"])] = entry
+    return [epochs[k] for k in sorted(epochs)]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -32,11 +49,13 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    """Per-epoch scalars to TensorBoard and/or MLflow; each target is optional (None = off)."""
+    """Per-epoch scalars to the history file, TensorBoard and/or MLflow; each target is optional (None = off)."""
 
-    def __init__(self, cfg: Config, tensorboard_dir: str | None, mlflow_uri: str | None, resumed: bool):
+    def __init__(self, cfg: Config, tensorboard_dir: str | None, mlflow_uri: str | None, resumed: bool,
+                 history_file: str | None = None):
         self._tensorboard = None
         self._mlflow = None
+        self._history = Path(history_file) if history_file else None
         if tensorboard_dir:
             from tensorboardX import SummaryWriter
 
@@ -60,6 +79,9 @@ class Tracker:
 
     def log(self, metrics: dict[str, float], epoch: int) -> None:
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if self._history is not None:
+            with self._history.open("a") as stream:
+                stream.write(json.dumps(scalars | {"epoch": epoch}) + "\n")
         if self._tensorboard is not None:
             for key, value in scalars.items():
                 self._tensorboard.add_scalar(key, value, epoch)

@@ -39,6 +39,7 @@ from jointray.data.streaming import DATA_TASK_CPUS, split_subjects, train_val_da
 from jointray.models import build_model
 from jointray.train.loop import threads_for, train_loop_per_worker
 from jointray.train.refit import refit_heads
+from jointray.train.tracking import HISTORY_FILE
 
 BEST_DIR = "best"
 FAULT_MARKER = ".fault_injected"
@@ -259,6 +260,7 @@ def run_training(cfg: Config, announce=print, cpus: float | None = None,
             "steps_per_epoch": steps_per_epoch, "threads": cfg.train.threads_per_worker,
             "fault_marker": str(Path(run_path, FAULT_MARKER)) if local else None,
             "tensorboard_dir": str(Path(run_path, "tensorboard")) if local else None,
+            "history_file": str(Path(run_path, HISTORY_FILE)) if local else None,
             "mlflow_uri": _mlflow_uri(cfg, Path(run_path), local),
         },
         scaling_config=ray.train.ScalingConfig(
