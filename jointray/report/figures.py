@@ -218,7 +218,7 @@ def slices(image: np.ndarray, mask: np.ndarray | None, reference: np.ndarray | N
                       vmax=len(STRUCTURE_COLOURS), alpha=0.45, origin="lower", interpolation="nearest")
         if heat is not None:
             shown = cut(heat)
-            ax.imshow(np.ma.masked_less(shown, 0.02 * heat_max), cmap="inferno", vmin=0, vmax=heat_max, alpha=0.7,
+            ax.imshow(np.ma.masked_less(shown, 0.05 * heat_max), cmap="inferno", vmin=0, vmax=heat_max, alpha=0.7,
                       origin="lower", interpolation="nearest")
         if reference is not None and cut(reference).any():
             ax.contour(cut(reference) > 0, levels=[0.5], colors="white", linewidths=0.8, origin="lower")
