@@ -26,7 +26,8 @@ def epoch_line(metrics: dict[str, float], epochs: int | None) -> str:
     val = " ".join(f"{k.removeprefix('val/')} {metrics[k]:.3f}" for k in _SHOWN_VALIDATION
                    if k in metrics and not math.isnan(metrics[k]))
     of = f"/{epochs}" if epochs is not None else ""
-    return (f"epoch {int(metrics['epoch']) + 1}{of} | loss {losses} | w {weights} | val {val} | "
+    val = f"val {val} | " if val else ""  # an epoch of the "all" fold that was not validated
+    return (f"epoch {int(metrics['epoch']) + 1}{of} | loss {losses} | w {weights} | {val}"
             f"{metrics['cases_per_s']:.1f} cases/s | eta {_duration(metrics['eta_s'])}")
 
 
