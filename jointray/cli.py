@@ -424,8 +424,9 @@ def explain(
     checkpoint: list[Path] = typer.Option(..., "--checkpoint", help="the model (an ensemble: its first member)"),
     clinical: str = typer.Option(None, "--clinical", help='clinical record as JSON, e.g. \'{"age": 71}\''),
     out: Path = typer.Option(None, "--out", help="folder for what is written (default: beside the input)"),
+    method: str = typer.Option("hirescam", "--method", help="activation maps: hirescam or gradcam"),
 ) -> None:
-    """Explain one prediction: Grad-CAM per structure and outcome head (NIfTI), the clinical features'
+    """Explain one prediction: an activation map per structure and outcome head (NIfTI), the clinical features'
     Integrated Gradients (JSON), and the per-patient report showing both."""
     import json
 
@@ -443,11 +444,13 @@ def explain(
         raise typer.Exit(2)
     with _usage_errors(CheckpointError, ValueError):
         try:
-            written = explain_file(checkpoint, file, record, out)
+            if method not in ("hirescam", "gradcam"):
+                raise ValueError(f"--method {method}: expected hirescam or gradcam")
+            written = explain_file(checkpoint, file, record, out, method)
         except InputError as exc:
             raise ValueError(f"{exc.path}: {exc.reason}") from None
     for target, path in written["maps"].items():
-        console.print(f"Grad-CAM {target} ({written['explanation'].layers[target]}): {path}")
+        console.print(f"{written['explanation'].method} {target} ({written['explanation'].layers[target]}): {path}")
     for head, values in written["explanation"].attributions.items():
         console.print(f"{head}: " + ", ".join(f"{k} {v:+.3f}" for k, v in values.items()))
     console.print(f"report: [bold]{written['report']}[/bold]")

@@ -1,5 +1,6 @@
-"""Explanations: Grad-CAM passes the model-randomisation sanity check on real MRI, Integrated Gradients adds up,
-and ``jointray explain`` writes the maps, the attributions and the report that shows them."""
+"""Explanations: the activation maps pass the model-randomisation sanity check on real MRI and single out the
+structures, Integrated Gradients adds up, and ``jointray explain`` writes the maps, the attributions and the
+report that shows them."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from jointray.models import build_model
 RANDOMISED_RHO_BOUND = 0.5
 
 
-def test_grad_cam_of_the_trained_msd_model_is_not_that_of_a_randomised_one(msd_checkpoint, tmp_path):
+def test_activation_maps_of_the_trained_msd_model_find_the_structures_and_not_those_of_a_random_one(
+        msd_checkpoint, tmp_path):
     msd = shared_data("msd_hippocampus")
     _, entries = msd_subset(msd, tmp_path / "cases", MSD_TRAIN_CASES, 3)
     predictor = Predictor(msd_checkpoint, device="cpu")
@@ -39,11 +41,14 @@ def test_grad_cam_of_the_trained_msd_model_is_not_that_of_a_randomised_one(msd_c
         mask = predictor.finish(case, predictor.forward([case], 1, "heads")[0], 1, "heads").mask
         assert trained.layers == {"anterior": "decoder.levels.2", "posterior": "decoder.levels.2"}
         assert set(trained.maps) == {"anterior", "posterior"}
-        for target in ("anterior", "posterior"):
+        assert trained.method == "HiResCAM"
+        for k, target in ((1, "anterior"), (2, "posterior")):
             heat = trained.maps[target]
             assert heat.shape == mask.shape and 0 <= heat.min() and heat.max() <= 1 + 1e-6
             rho = stats.spearmanr(heat.ravel(), random.maps[target].ravel()).statistic
             assert rho < RANDOMISED_RHO_BOUND, (entry["image"], target, rho)
+            # and the trained model's map is on its structure, not on the background
+            assert heat[mask == k].mean() > 5 * heat[mask == 0].mean(), (entry["image"], target)
 
 
 def test_integrated_gradients_of_each_outcome_add_up_to_what_the_record_changed(one_epoch, train_cohort):
@@ -87,14 +92,14 @@ def test_jointray_explain_writes_maps_attributions_and_a_report_showing_them(one
     stem = image.name.removesuffix(".nii.gz")
     written = sorted(p.name for p in tmp_path.iterdir())
     structures = ["anterior", "posterior"]
-    assert {f"{stem}_gradcam_{t}.nii.gz" for t in [*structures, "mmse", "cdr", "risk"]} <= set(written), written
+    assert {f"{stem}_hirescam_{t}.nii.gz" for t in [*structures, "mmse", "cdr", "risk"]} <= set(written), written
     assert f"{stem}_attributions.json" in written and f"{stem}_report.html" in written
     source = nib.load(image)
-    heat = nib.load(tmp_path / f"{stem}_gradcam_mmse.nii.gz")
+    heat = nib.load(tmp_path / f"{stem}_hirescam_mmse.nii.gz")
     assert heat.shape == source.shape[:3] and np.allclose(heat.affine, source.affine)
     attributions = json.loads((tmp_path / f"{stem}_attributions.json").read_text())
     assert attributions["mmse"]["sex"] == 0.0 and attributions["mmse"]["age"] != 0.0  # only age was given
     html = (tmp_path / f"{stem}_report.html").read_text()
     sections = re.findall(r'<section id="([^"]+)"', html)
     assert sections == ["review", "segmentation", "outcomes", "explanations", "model"]
-    assert html.count("<figcaption>Grad-CAM of ") == len(structures) + 3 and "Integrated Gradients" in html
+    assert html.count("<figcaption>HiResCAM of ") == len(structures) + 3 and "Integrated Gradients" in html

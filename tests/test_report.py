@@ -222,7 +222,7 @@ def test_a_joint_models_patient_report_says_what_each_outcome_means(one_epoch, t
     html = Path(body["report_file"]).read_text()
     assert re.findall(r'<section id="([^"]+)"', html) == ["review", "segmentation", "outcomes", "explanations",
                                                           "model"]
-    assert "Grad-CAM" not in html and "Integrated Gradients" in html  # the attributions, not the maps
+    assert html.count("<figcaption>HiResCAM of ") == 5 and "Integrated Gradients" in html  # 2 structures, 3 heads
     stage = f"{body['outcomes']['cdr']['stage']:g}"
     meaning = {"0": "no dementia", "0.5": "questionable or very mild dementia", "1": "mild dementia",
                "2": "moderate dementia"}[stage]

@@ -310,9 +310,9 @@ def test_a_patient_report_comes_from_the_server_and_from_the_model_in_process(se
         page = tmp_path / where / f"{stem}_report.html"
         assert "report for" in result.output and f"{stem}_report.html" in result.output.replace("\n", "")
         html = page.read_text()
-        assert re.findall(r'<section id="([^"]+)"', html) == ["review", "segmentation", "model"], where
+        assert re.findall(r'<section id="([^"]+)"', html) == ["review", "segmentation", "explanations", "model"]
         images = re.findall(r'src="data:image/png;base64,([^"]+)" width="(\d+)" height="(\d+)"', html)
-        assert len(images) == 2  # the mask and the uncertainty views
+        assert len(images) == 4  # the mask and the uncertainty views, an activation map per structure
         for data, width, height in images:
             png = base64.b64decode(data)
             assert png[:8] == b"\x89PNG\r\n\x1a\n" and imread(io.BytesIO(png)).shape[:2] == (int(height), int(width))

@@ -86,17 +86,15 @@ def answer(predictor: Predictor, case: PreparedCase, prediction: CasePrediction,
 
 
 def report_page(predictor: Predictor, case: PreparedCase, prediction: CasePrediction, body: dict[str, Any]) -> str:
-    """The per-patient HTML report of ``prediction`` (:mod:`jointray.report.patient`), with the clinical
-    features' attributions where the model reads a clinical record; needs the entropy map
-    (``finish(..., entropy_map=True)``) for its uncertainty view and the case's display copy of the input.
-    Grad-CAM maps stay out of it: on MSD hippocampus they do not single out the structures
-    (``jointray explain`` writes them, for study)."""
+    """The per-patient HTML report of ``prediction`` (:mod:`jointray.report.patient`) with its explanations
+    (:func:`jointray.inference.explain.explain_case`: activation maps, and the clinical features'
+    attributions where the model reads a clinical record); needs the entropy map
+    (``finish(..., entropy_map=True)``) for its uncertainty view and the case's display copy of the input."""
     from jointray.inference.explain import explain_case  # captum, matplotlib and jinja2 load only for a report
     from jointray.report.document import to_html
     from jointray.report.patient import patient_document
 
-    explanation = explain_case(predictor, case, maps=False)
-    explanation = explanation if explanation.attributions else None
+    explanation = explain_case(predictor, case)
     document = patient_document(body, case.original[0], case.geometry.original_affine, prediction.mask,
                                 prediction.entropy, predictor.metrics, predictor.config.model.num_classes,
                                 explanation)

@@ -1,9 +1,16 @@
 """Explanations of one prediction: where in the image each output looked, and which clinical features moved it.
 
-**Grad-CAM** (Selvaraju et al., ICCV 2017; MONAI's ``monai.visualize.GradCAM``): the activations of a
-layer weighted by the spatial mean of the output's gradient there, rectified, upsampled to the input
-and scaled to [0, 1]. The joint model returns a structure of outputs, so :class:`TargetScores` turns it
-into the (B, targets) scores MONAI's CAM classes expect, one per explained output:
+**Class activation maps** of a layer, rectified, upsampled to the input and scaled to [0, 1], by one of
+two methods. *Grad-CAM* (Selvaraju et al., ICCV 2017; MONAI's ``monai.visualize.GradCAM``) weights each
+channel's activation by the spatial mean of the output's gradient; *HiResCAM* (Draelos & Carin 2020,
+arXiv:2011.08891; :class:`HiResCAM`, on MONAI's hooks) multiplies activation and gradient voxel by voxel
+before summing the channels, so the map shows where the output's gradient actually is. On MSD
+hippocampus Grad-CAM's channel-mean weights light the anterior and posterior parts alike (at the
+decoder's last level more the other part than the explained one), HiResCAM's maps stay on the explained
+structure (``benchmarks/README.md``); HiResCAM is the default. Maps are scaled with their maximum at 1
+(MONAI's default scaling maps the maximum to 0). The joint model returns a structure of
+outputs, so :class:`TargetScores` turns it into the (B, targets) scores MONAI's CAM classes expect, one
+per explained output:
 
 * a structure: the mean logit of its class over the voxels predicted as it (the whole image where
   none is), Seg-Grad-CAM's region score (Vinogradova et al., AAAI 2020), at the decoder's last level;
@@ -30,6 +37,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from monai.visualize import GradCAM
 from torch import nn
 
 from jointray.data.clinical import ClinicalInput, ClinicalSchema
@@ -71,18 +80,41 @@ class TargetScores(nn.Module):
         return torch.stack(scores, dim=1)
 
 
+class HiResCAM(GradCAM):
+    """HiResCAM: ReLU(Σ_c ∂score/∂A_c ⊙ A_c), then MONAI's upsampling and [0, 1] scaling (as GradCAM's)."""
+
+    def compute_map(self, x, class_idx=None, retain_graph=False, layer_idx=-1, **kwargs):
+        _, acti, grad = self.nn_module(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
+        return F.relu((acti[layer_idx] * grad[layer_idx]).sum(1, keepdim=True))
+
+
+def _to_unit_range(maps: torch.Tensor) -> torch.Tensor:
+    """(B, 1, X, Y, Z) → each map's min to 0 and max to 1 (all zeros where a map is constant)."""
+    flat = maps.flatten(1)
+    low, high = flat.min(1).values, flat.max(1).values
+    span = (high - low).clamp_min(torch.finfo(maps.dtype).tiny)
+    shape = (-1,) + (1,) * (maps.ndim - 1)
+    return (maps - low.view(shape)) / span.view(shape)
+
+
+#: The methods :func:`activation_maps` offers, by name, and how a report names them.
+CAM_METHODS = {"hirescam": (HiResCAM, "HiResCAM"), "gradcam": (GradCAM, "Grad-CAM")}
+
+
 @dataclass
 class Explanation:
-    """``maps``: target → (X, Y, Z) Grad-CAM in [0, 1] on the prepared grid; ``attributions``: outcome →
-    clinical feature → Integrated Gradients attribution (output units); ``layers``: target → the layer."""
+    """``maps``: target → (X, Y, Z) class activation map in [0, 1] on the prepared grid (``method`` names how
+    it was made); ``attributions``: outcome → clinical feature → Integrated Gradients attribution (output
+    units); ``layers``: target → the layer."""
 
     maps: dict[str, np.ndarray] = field(default_factory=dict)
     layers: dict[str, str] = field(default_factory=dict)
     attributions: dict[str, dict[str, float]] = field(default_factory=dict)
+    method: str = "HiResCAM"
 
 
 def target_layer(model: JointModel, target: str) -> str:
-    """The layer Grad-CAM reads for ``target``: the decoder's last level for a structure, the fused bottleneck
+    """The layer the activation map reads for ``target``: the decoder's last level for a structure, the fused bottleneck
     (the encoder's last level without fusion) for an outcome."""
     if target not in OUTCOMES:
         return f"decoder.levels.{len(model.decoder.levels) - 1}"
@@ -91,15 +123,15 @@ def target_layer(model: JointModel, target: str) -> str:
     return f"encoder.levels.{len(model.encoder.levels) - 1}"
 
 
-def grad_cam(model: JointModel, image: torch.Tensor, clinical: ClinicalInput | None, targets: list[str],
-             structures: dict[int, str], cross: float = 1.0, voxel_volume: torch.Tensor | None = None
-             ) -> Explanation:
-    """Grad-CAM of each target for one or more images (B, C, X, Y, Z); maps of the first image are kept.
+def activation_maps(model: JointModel, image: torch.Tensor, clinical: ClinicalInput | None, targets: list[str],
+                    structures: dict[int, str], cross: float = 1.0, voxel_volume: torch.Tensor | None = None,
+                    method: str = "hirescam") -> Explanation:
+    """The class activation map (``method``: a key of :data:`CAM_METHODS`) of each target for one or more
+    images (B, C, X, Y, Z); maps of the first image are kept.
 
     The model is copied first: MONAI's hooks stay on the modules they were registered on.
     """
-    from monai.visualize import GradCAM
-
+    cam_class, label = CAM_METHODS[method]
     model = copy.deepcopy(model).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(True)
@@ -108,11 +140,12 @@ def grad_cam(model: JointModel, image: torch.Tensor, clinical: ClinicalInput | N
         with torch.no_grad():
             labels = model(image, clinical, cross, voxel_volume).seg[0].argmax(1)
         regions = torch.stack([labels == k for k in range(model.cfg.num_classes)], dim=1)
-    explanation = Explanation()
+    explanation = Explanation(method=label)
     for layer in sorted({target_layer(model, t) for t in targets}):
         chosen = [t for t in targets if target_layer(model, t) == layer]
         scores = TargetScores(model, chosen, structures, clinical, cross, voxel_volume, regions)
-        cam = GradCAM(nn_module=scores, target_layers=f"model.{layer}")  # names inside the TargetScores wrapper
+        # Layer names inside the TargetScores wrapper; the map scaled max → 1 (MONAI's default scaling flips it).
+        cam = cam_class(nn_module=scores, target_layers=f"model.{layer}", postprocessing=_to_unit_range)
         for i, target in enumerate(chosen):
             heat = cam(x=image.detach().clone().requires_grad_(True), class_idx=i)
             explanation.maps[target] = heat[0, 0].detach().float().cpu().numpy()
@@ -188,9 +221,9 @@ def clinical_attributions(model: JointModel, schema: ClinicalSchema, image: torc
     return attributions
 
 
-def explain_case(predictor, case, maps: bool = True) -> Explanation:
-    """Grad-CAM of every structure and trained outcome head of ``predictor``'s first model for one prepared
-    case, mapped back onto the input's grid, and the clinical attributions of each trained head (where the
+def explain_case(predictor, case, maps: bool = True, method: str = "hirescam") -> Explanation:
+    """The class activation maps (``method``) of every structure and trained outcome head of ``predictor``'s
+    first model for one prepared case, mapped back onto the input's grid, and the clinical attributions of each trained head (where the
     model reads a clinical record). Both explain one forward pass of the training window: a case larger than
     it (predicted by sliding window) is explained in the window centred on its predicted structures, and
     its maps are zero outside that window.
@@ -199,7 +232,8 @@ def explain_case(predictor, case, maps: bool = True) -> Explanation:
         predictor: a :class:`~jointray.inference.predictor.Predictor` (an ensemble is explained by its first
             member).
         case: a :class:`~jointray.inference.cases.PreparedCase`.
-        maps: False: the clinical attributions only (no Grad-CAM).
+        maps: False: the clinical attributions only (no activation maps).
+        method: a key of :data:`CAM_METHODS`.
     """
     from jointray.data.preprocess import restore_to_original
 
@@ -208,8 +242,8 @@ def explain_case(predictor, case, maps: bool = True) -> Explanation:
     heads = [h for h in OUTCOMES if h in predictor.trained_heads and model.heads is not None]
     targets = (list(predictor.structures.values()) if model.decoder is not None else []) + heads
     with torch.enable_grad():
-        explanation = grad_cam(model, image, clinical[0], targets, predictor.structures, predictor.cross,
-                               voxel_volume) if maps else Explanation()
+        explanation = activation_maps(model, image, clinical[0], targets, predictor.structures, predictor.cross,
+                                      voxel_volume, method) if maps else Explanation()
         if heads and model.clinical is not None and predictor.schema.num_numeric + len(predictor.schema.categorical):
             explanation.attributions = clinical_attributions(model, predictor.schema, image, clinical[0], heads,
                                                              predictor.cross, voxel_volume)
@@ -236,9 +270,9 @@ def explained_input(predictor, case):
     return image[(slice(None), slice(None), *box)], clinical, voxel_volume, box
 
 
-def explain_file(checkpoint, source, clinical: dict, out) -> dict:
+def explain_file(checkpoint, source, clinical: dict, out, method: str = "hirescam") -> dict:
     """``jointray explain``: predict ``source`` in-process, explain it, and write beside it (or into ``out``)
-    ``<name>_gradcam_<target>.nii.gz`` per target (float32 on the input's grid), ``<name>_attributions.json``
+    ``<name>_<method>_<target>.nii.gz`` per target (float32 on the input's grid), ``<name>_attributions.json``
     and the per-patient report with the explanations, ``<name>_report.html``. Returns what was written."""
     import json
     from pathlib import Path
@@ -256,12 +290,12 @@ def explain_file(checkpoint, source, clinical: dict, out) -> dict:
     case = predictor.prepare(source, clinical)
     samples, mode = predictor.check_mc(None, None)
     prediction = predictor.finish(case, predictor.forward([case], samples, mode)[0], samples, mode, entropy_map=True)
-    explanation = explain_case(predictor, case)
+    explanation = explain_case(predictor, case, method=method)
     folder = mask_path(source, out).parent
     stem = mask_path(source, out).name.removesuffix("_mask.nii.gz")
     written: dict = {"maps": {}}
     for target, heat in explanation.maps.items():
-        path = folder / f"{stem}_gradcam_{target}.nii.gz"
+        path = folder / f"{stem}_{method}_{target}.nii.gz"
         nib.save(nib.Nifti1Image(heat.astype(np.float32), case.geometry.original_affine), path)
         written["maps"][target] = str(path)
     if explanation.attributions:

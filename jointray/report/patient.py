@@ -52,7 +52,7 @@ def patient_document(body: dict[str, Any], image: np.ndarray, affine: np.ndarray
         entropy: (X, Y, Z) the voxel predictive entropy (nats) on that grid, or None.
         model_metrics: the model's validation figures (``val/...``), as its checkpoint carries them.
         classes: segmentation classes K (entropy runs from 0 to ln K).
-        explanation: Grad-CAM maps on the input's grid and clinical attributions
+        explanation: class activation maps on the input's grid and clinical attributions
             (:func:`jointray.inference.explain.explain_case`), shown in their own section where given.
     """
     name, model, mc = body["input"]["name"], body["model"], body["mc"]
@@ -144,15 +144,17 @@ def _explanations(doc: Document, explanation: Explanation, image: np.ndarray, af
                   mask: np.ndarray | None) -> None:
     section = Section("explanations", "Explanations")
     doc.sections.append(section)
+    method = explanation.method
     if explanation.maps:
-        section.warning("Grad-CAM: where in the image the layer that decides each output found what raised it "
-                        "(bright = more), scaled to 0–1 per output. On MSD hippocampus these maps pass the weight-"
-                        "randomisation check but do not single out the structures: read them as a research tool.")
+        section.note(f"{method}: where in the image the layer that decides each output found what raised it "
+                     "(bright = more), scaled to 0–1 per output. For a structure the output is its mean score over "
+                     "the voxels predicted as it, so its map stays near them; an outcome's may lie anywhere. A map "
+                     "shows what the model used, not that it was right to.")
     shown = plots.to_ras(image.astype(np.float32), affine)
     centre = plots.centre_of(None if mask is None else plots.to_ras(mask, affine), shown > np.median(shown))
     for target, heat in explanation.maps.items():
-        figure = plots.slices(shown, None, None, centre, f"Grad-CAM: {target}", heat=plots.to_ras(heat, affine))
-        section.figure(plots.save(figure, None, f"Grad-CAM of {target} at layer {explanation.layers[target]}."))
+        figure = plots.slices(shown, None, None, centre, f"{method}: {target}", heat=plots.to_ras(heat, affine))
+        section.figure(plots.save(figure, None, f"{method} of {target} at layer {explanation.layers[target]}."))
     if explanation.attributions:
         heads = list(explanation.attributions)
         features = list(next(iter(explanation.attributions.values())))
