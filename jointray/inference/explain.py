@@ -81,7 +81,7 @@ class TargetScores(nn.Module):
 
 
 class HiResCAM(GradCAM):
-    """HiResCAM: ReLU(Σ_c ∂score/∂A_c ⊙ A_c), then MONAI's upsampling and [0, 1] scaling (as GradCAM's)."""
+    """HiResCAM: ReLU(Σ_c ∂score/∂A_c ⊙ A_c), then upsampled and post-processed as MONAI's GradCAM is."""
 
     def compute_map(self, x, class_idx=None, retain_graph=False, layer_idx=-1, **kwargs):
         _, acti, grad = self.nn_module(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
@@ -114,8 +114,8 @@ class Explanation:
 
 
 def target_layer(model: JointModel, target: str) -> str:
-    """The layer the activation map reads for ``target``: the decoder's last level for a structure, the fused bottleneck
-    (the encoder's last level without fusion) for an outcome."""
+    """The layer the activation map reads for ``target``: the decoder's last level for a structure, the fused
+    bottleneck (the encoder's last level without fusion) for an outcome."""
     if target not in OUTCOMES:
         return f"decoder.levels.{len(model.decoder.levels) - 1}"
     if model.cross_attention is not None:
@@ -223,10 +223,10 @@ def clinical_attributions(model: JointModel, schema: ClinicalSchema, image: torc
 
 def explain_case(predictor, case, maps: bool = True, method: str = "hirescam") -> Explanation:
     """The class activation maps (``method``) of every structure and trained outcome head of ``predictor``'s
-    first model for one prepared case, mapped back onto the input's grid, and the clinical attributions of each trained head (where the
-    model reads a clinical record). Both explain one forward pass of the training window: a case larger than
-    it (predicted by sliding window) is explained in the window centred on its predicted structures, and
-    its maps are zero outside that window.
+    first model for one prepared case, mapped back onto the input's grid, and the clinical attributions of
+    each trained head (where the model reads a clinical record). Both explain one forward pass of the
+    training window: a case larger than it (predicted by sliding window) is explained in the window centred
+    on its predicted structures, and its maps are zero outside that window.
 
     Args:
         predictor: a :class:`~jointray.inference.predictor.Predictor` (an ensemble is explained by its first
