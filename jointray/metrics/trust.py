@@ -31,18 +31,19 @@ from jointray.metrics.calibration import bins_calibration_error, reliability_bin
 CDR_PREFIX = "prob_cdr/"
 
 
+def _finite_mean(row: dict[str, Any], keys: list[str]) -> float:
+    finite = [v for v in (row.get(k) for k in keys) if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
 def case_uncertainty(row: dict[str, Any], names: list[str]) -> float:
     """Mean of the finite ``entropy/<name>`` of a row (nats); NaN when no structure was predicted."""
-    values = [row.get(f"entropy/{n}", math.nan) for n in names]
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
+    return _finite_mean(row, [f"entropy/{n}" for n in names])
 
 
 def case_dice(row: dict[str, Any], names: list[str]) -> float:
     """Mean Dice over the structures of a labelled row (NaN-aware); NaN when unlabelled."""
-    values = [row.get(f"dice/{n}", math.nan) for n in names]
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
+    return _finite_mean(row, [f"dice/{n}" for n in names])
 
 
 def worst_decile(dice: np.ndarray) -> np.ndarray:
