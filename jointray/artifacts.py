@@ -7,9 +7,13 @@ plain containers only, so ``torch.load(weights_only=True)`` reads it without run
 saw targets, and the SHA-256 of ``checkpoint.pt``). ``meta.json`` is written last, so a folder without
 it — or whose hash does not match — is half-written or corrupt and is never loaded.
 
-An **exported artifact** (:func:`export_artifact`) is what a server needs and nothing else: ``model.pt``
-(the model's state dict), ``config.yaml``, ``spec.json``, ``schema.json``, ``metrics.json`` and, last,
-``artifact.json`` with the SHA-256 of every other file. No optimiser state travels to a server.
+An **exported artifact** (:func:`write_artifact`) is what a server needs and nothing else: the model —
+``model.pt`` (its state dict, runtime ``torch``) or its graphs (``model.onnx`` for onnxruntime,
+``model.ts`` for TorchScript, each with a Monte Carlo twin; :mod:`jointray.export`) — ``config.yaml``,
+``spec.json``, ``schema.json``, ``metrics.json`` (the source checkpoint's validation figures), for a
+graph ``export.json`` (how it was made and how far it is from the PyTorch model) and, last,
+``artifact.json`` with the runtime and the SHA-256 of every other file. No optimiser state travels to a
+server.
 
 An **ensemble** folder (:func:`write_ensemble`; ``jointray train --all-folds`` writes one beside its
 folds) holds ``ensemble.json``: its members (checkpoints or exported models, as paths relative to the
@@ -27,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +48,9 @@ STATE_FILE = "checkpoint.pt"
 META_FILE = "meta.json"
 MODEL_FILE = "model.pt"
 ARTIFACT_FILE = "artifact.json"
+EXPORT_FILE = "export.json"
+#: How an artifact's model runs: its PyTorch state dict, or an exported graph (:mod:`jointray.export`).
+RUNTIMES = ("torch", "onnxruntime", "torchscript")
 ARTIFACT_FORMAT = "jointray-model"
 ARTIFACT_VERSION = 1
 ENSEMBLE_FILE = "ensemble.json"
@@ -71,9 +79,12 @@ class ModelArtifact:
 
     ``trained_heads``: the outcome heads that saw at least one target in training; the others are never
     reported. ``version``: the first 12 hex digits of the weights' SHA-256, a stable model id.
+    ``runtime``: ``torch`` (``state_dict`` holds the weights) or an exported graph's runtime
+    (``onnxruntime``, ``torchscript``; ``graphs`` holds its ``deterministic`` and ``mc`` files, and
+    ``export`` the figures :mod:`jointray.export` recorded).
     """
 
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor] | None
     config: Config
     spec: PreprocessSpec
     schema: ClinicalSchema
@@ -81,6 +92,15 @@ class ModelArtifact:
     trained_heads: list[str]
     version: str
     source: str
+    runtime: str = "torch"
+    graphs: dict[str, Path] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cross(self) -> float:
+        """The cross-task strength λ the model was validated with (the training loop reports it)."""
+        curriculum = self.config.train.curriculum
+        return float(self.metrics.get("cross", curriculum.phases[-1].cross if curriculum.enabled else 1.0))
 
 
 def _sha256(path: Path) -> str:
@@ -150,23 +170,43 @@ def export_checkpoint(source: Path, target: Path) -> None:
 
 
 def export_artifact(checkpoint: str | Path, target: str | Path) -> Path:
-    """Write the serving artifact of a training checkpoint (or re-export an artifact) into ``target``.
+    """Write the PyTorch serving artifact of a training checkpoint (or re-export an artifact) into ``target``."""
+    return write_artifact(target, load_model(checkpoint))
+
+
+#: What writes an artifact's graphs into a folder: returns {"deterministic": file, "mc": file or absent}
+#: and the figures for ``export.json``.
+GraphWriter = Callable[[Path], tuple[dict[str, str], dict[str, Any]]]
+
+
+def write_artifact(target: str | Path, model: ModelArtifact, runtime: str = "torch",
+                   write_graphs: GraphWriter | None = None, export: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as a serving artifact into ``target``: its state dict for runtime ``torch``, else the
+    graphs ``write_graphs`` writes (:mod:`jointray.export`); ``export``: how it was made, for ``export.json``
+    (a graph writer returns its own).
 
     The folder is assembled beside ``target`` and switched in whole (:mod:`jointray.atomic_dir`); an
-    existing ``target`` is replaced only then. Returns ``target``.
+    existing ``target`` is replaced only then, after the new one loaded. Returns ``target``.
     """
-    model = load_model(checkpoint)
     target = Path(target)
+    if (runtime == "torch") != (write_graphs is None):
+        raise ValueError("runtime 'torch' writes the state dict; every other runtime needs write_graphs")
     with staged_dir(target) as staging:
-        torch.save(model.state_dict, staging / MODEL_FILE)
+        graphs: dict[str, str] = {}
+        if write_graphs is None:
+            torch.save(model.state_dict, staging / MODEL_FILE)
+        else:
+            graphs, export = write_graphs(staging)
+        if export:
+            (staging / EXPORT_FILE).write_text(json.dumps(export, indent=2) + "\n")
         (staging / "config.yaml").write_text(yaml.safe_dump(model.config.model_dump(mode="json"), sort_keys=False))
         (staging / "spec.json").write_text(model.spec.model_dump_json(indent=2) + "\n")
         (staging / "schema.json").write_text(model.schema.model_dump_json(indent=2) + "\n")
         (staging / "metrics.json").write_text(json.dumps(model.metrics, indent=2) + "\n")
         files = sorted(p.name for p in staging.iterdir())
-        manifest = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, "trained_heads": model.trained_heads,
-                    "spec_digest": model.spec.digest(), "source": model.source,
-                    "sha256": {name: _sha256(staging / name) for name in files}}
+        manifest = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, "runtime": runtime,
+                    "graphs": graphs, "trained_heads": model.trained_heads, "spec_digest": model.spec.digest(),
+                    "source": model.source, "sha256": {name: _sha256(staging / name) for name in files}}
         _write_text_atomic(staging / ARTIFACT_FILE, json.dumps(manifest, indent=2) + "\n")
         load_model(staging)  # verify before it replaces anything
     return target
@@ -180,16 +220,24 @@ def _load_exported(folder: Path, map_location) -> ModelArtifact:
         path = folder / name
         if not path.is_file() or _sha256(path) != digest:
             raise CheckpointError(f"{path}: missing, or its contents do not match the hash in {ARTIFACT_FILE}")
+    runtime = manifest.get("runtime", "torch")
+    graphs = {kind: folder / name for kind, name in manifest.get("graphs", {}).items()}
+    model_file = graphs.get("deterministic", folder / MODEL_FILE)
+    if runtime not in RUNTIMES or (runtime != "torch" and model_file.name not in manifest["sha256"]) or (
+            runtime == "torch" and MODEL_FILE not in manifest["sha256"]):
+        raise CheckpointError(f"{folder / ARTIFACT_FILE}: runtime {runtime!r} without its model file "
+                              f"(runtimes: {', '.join(RUNTIMES)})")
     config = Config.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
     spec = PreprocessSpec.model_validate_json((folder / "spec.json").read_text())
     if spec.digest() != manifest["spec_digest"]:
         raise CheckpointError(f"{folder / 'spec.json'}: PreprocessSpec digest mismatch")
     return ModelArtifact(
-        state_dict=torch.load(folder / MODEL_FILE, map_location=map_location, weights_only=True), config=config,
-        spec=spec, schema=ClinicalSchema.model_validate_json((folder / "schema.json").read_text()),
+        state_dict=torch.load(model_file, map_location=map_location, weights_only=True) if runtime == "torch" else None,
+        config=config, spec=spec, schema=ClinicalSchema.model_validate_json((folder / "schema.json").read_text()),
         metrics=json.loads((folder / "metrics.json").read_text()),
         trained_heads=[h for h in config.model.heads if h in manifest["trained_heads"]],
-        version=manifest["sha256"][MODEL_FILE][:12], source=str(folder))
+        version=manifest["sha256"][model_file.name][:12], source=str(folder), runtime=runtime, graphs=graphs,
+        export=json.loads((folder / EXPORT_FILE).read_text()) if (folder / EXPORT_FILE).is_file() else {})
 
 
 def read_config(folder: str | Path) -> Config:
@@ -203,7 +251,7 @@ def read_config(folder: str | Path) -> Config:
     if (folder / META_FILE).is_file():
         return Config.model_validate(json.loads((folder / META_FILE).read_text())["config"])
     raise CheckpointError(f"{folder}: not a complete jointray checkpoint ({META_FILE} and {STATE_FILE} needed), "
-                          f"exported model ({ARTIFACT_FILE} and {MODEL_FILE} needed) or ensemble ({ENSEMBLE_FILE})")
+                          f"exported model ({ARTIFACT_FILE} needed) or ensemble ({ENSEMBLE_FILE})")
 
 
 def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> ModelArtifact:
@@ -214,7 +262,7 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
         return _load_exported(folder, map_location)
     if not (folder / META_FILE).is_file():
         raise CheckpointError(f"{folder}: not a complete jointray checkpoint ({META_FILE} and {STATE_FILE} needed) "
-                              f"or exported model ({ARTIFACT_FILE} and {MODEL_FILE} needed)")
+                              f"or exported model ({ARTIFACT_FILE} needed)")
     loaded = read_checkpoint(folder, map_location)
     return ModelArtifact(state_dict=loaded.state["model"], config=loaded.config, spec=loaded.spec,
                          schema=loaded.schema, metrics=loaded.metrics, trained_heads=loaded.trained_heads,

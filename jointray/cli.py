@@ -61,6 +61,15 @@ def _usage_errors(*kinds: type[Exception]):
         raise typer.Exit(2) from None
 
 
+ADDRESS_HELP = ("an existing Ray cluster: ray://HOST:10001, HOST:6379 or auto (default: $RAY_ADDRESS, else a "
+                "local instance)")
+
+
+def _address(address: str | None) -> list[str]:
+    """``--address`` as the override it is (``ray.address``): the config that travels with the run says where."""
+    return [f"ray.address={address}"] if address else []
+
+
 def _config(path: str | None, overrides: list[str] | None) -> Config:
     with _usage_errors():
         return load_config(path, overrides or [])
@@ -96,9 +105,10 @@ def prepare(
     config: str = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. data.root=../data"),
     strict: bool = typer.Option(False, help="exit non-zero if any input is quarantined"),
+    address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
 ) -> None:
     """Validate and preprocess a dataset into Parquet shards, a PreprocessSpec and a quarantine report."""
-    cfg = _config(config, overrides)
+    cfg = _config(config, [*(overrides or []), *_address(address)])
     with _usage_errors():
         check_prepare(cfg)
     # These take seconds to import (Ray, torch, MONAI): after the checks, so that a typo fails at once.
@@ -123,10 +133,11 @@ def train(
     all_folds: bool = typer.Option(False, "--all-folds", help="cross-validation: train every fold (train.folds "
                                    "lists some) and write their ensemble, <storage_path>/<name>/ensemble.json"),
     overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. train.epochs=5"),
+    address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
 ) -> None:
     """Train the joint model on Ray Train from prepared shards; prints where the best checkpoint (or the
     cross-validation's ensemble) is."""
-    cfg = _config(config, overrides)
+    cfg = _config(config, [*(overrides or []), *_address(address)])
     if all_folds:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"folds": list(range(cfg.train.n_folds))})})
     with _usage_errors():
@@ -195,6 +206,7 @@ def tune(
     overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. tune.num_samples=8"),
     resume: Path = typer.Option(None, "--resume", help="continue the search in this folder "
                                 "(runs/<tune.name>) with the config it started with"),
+    address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
 ) -> None:
     """Search training hyperparameters with Ray Tune and Optuna; exports the best trial's checkpoint and config."""
     if resume is not None and (config or overrides):
@@ -208,7 +220,7 @@ def tune(
         check_train(cfg)
     from jointray.runtime import init_ray
 
-    init_ray(cfg.ray)
+    init_ray(cfg.ray.model_copy(update={"address": address}) if address else cfg.ray)
     with _usage_errors():
         summary = run_search(cfg, resume=resume is not None)
     _print_search(summary)
@@ -245,6 +257,7 @@ def evaluate(
                                    "intervals (volumes, MMSE, risk) and their coverage"),
     mc_mode: str = typer.Option(None, "--mc-mode", help="full, decoder or heads (default: the config's "
                                 "inference.mc_mode)"),
+    address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
 ) -> None:
     """Run a model over a dataset on Ray Data: masks in each input's own space, per-case CSV, JSON summary."""
     with _usage_errors():
@@ -259,7 +272,7 @@ def evaluate(
     with _usage_errors(CheckpointError):
         for folder in checkpoint:
             read_config(folder)  # a folder that is not a model (a single run's runs/<name>, say) fails here
-    init_ray(RayConfig())
+    init_ray(RayConfig(address=address))
     with _usage_errors(CheckpointError):
         report = run_evaluation(checkpoint, data, out, labels=labels, workers=workers, batch_size=batch_size,
                                 tta=tta, mc_samples=mc_samples, mc_mode=mc_mode)
@@ -291,15 +304,35 @@ def report(
 def export(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="training checkpoint folder, e.g. runs/<name>/best"),
     out: Path = typer.Option(..., "--out", help="folder for the serving artifact (replaced whole)"),
+    format: str = typer.Option("torch", "--format", help="torch (state dict), onnx (onnxruntime) or torchscript"),
+    quantize: str = typer.Option(None, "--quantize", help="int8: static post-training quantisation (onnx only)"),
+    prune: float = typer.Option(None, "--prune", help="fraction of weights to zero by magnitude, then fine-tune"),
+    finetune_steps: int = typer.Option(100, "--finetune-steps", help="fine-tuning steps after pruning"),
+    calibration_cases: int = typer.Option(16, "--calibration-cases", help="prepared training cases for INT8 ranges"),
+    prepared: Path = typer.Option(None, "--prepared", help="prepared shards to check, calibrate and fine-tune on "
+                                  "(default: the checkpoint's data.output)"),
 ) -> None:
-    """Write a weights-only serving artifact: model.pt, config.yaml, spec.json, schema.json, metrics.json."""
-    from jointray.artifacts import CheckpointError, export_artifact, load_model
+    """Write a serving artifact: the model (model.pt, or model.onnx / model.ts and their Monte Carlo twins),
+    config.yaml, spec.json, schema.json, metrics.json, export.json (how it was made, its distance from PyTorch)."""
+    from jointray.artifacts import CheckpointError, load_model
+    from jointray.export.exporter import ExportError, ExportSettings, export_model
 
-    with _usage_errors(CheckpointError):
-        export_artifact(checkpoint, out)
+    settings = ExportSettings(format=format, quantize=quantize, prune=prune, finetune_steps=finetune_steps,
+                              calibration_cases=calibration_cases, prepared=prepared)
+    with _usage_errors(CheckpointError, ExportError):
+        export_model(checkpoint, out, settings)
         model = load_model(out)
-    console.print(f"exported {model.config.model.variant} (version {model.version}, trained heads "
-                  f"{model.trained_heads or 'none'}) to {out}")
+    console.print(f"exported {model.config.model.variant} (version {model.version}, runtime {model.runtime}, trained "
+                  f"heads {model.trained_heads or 'none'}) to {out}")
+    figures = model.export.get("fidelity", {})
+    if figures:
+        console.print("against PyTorch on {:.0f} validation cases: probabilities within {:.2e}, masks' Dice {:.4f}"
+                      .format(figures["cases"], figures.get("max_abs_probability_difference", float("nan")),
+                              figures.get("mask_dice_vs_torch", float("nan"))))
+    for kind in ("deterministic", "mc"):
+        quantized = model.export.get(f"quantization_{kind}")
+        if quantized:
+            console.print(f"INT8 ({kind} graph): {quantized['int8_layers']}; left in float: {quantized['float_layers']}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -308,6 +341,7 @@ def serve(
     overrides: list[str] = typer.Argument(None, help="serve.* / inference.* overrides, e.g. serve.max_batch_size=16"),
     host: str = typer.Option(None, "--host", help="bind address (default serve.host, 127.0.0.1)"),
     port: int = typer.Option(None, "--port", help="HTTP port (default serve.port, 8000)"),
+    address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
 ) -> None:
     """Serve a model over HTTP on Ray Serve until interrupted (Ctrl-C shuts it down cleanly)."""
     import signal
@@ -324,7 +358,7 @@ def serve(
     extra = list(overrides or []) + ([f"serve.host={host}"] if host else []) + ([f"serve.port={port}"] if port else [])
     with _usage_errors(CheckpointError):
         serving_config(checkpoint, extra)  # a bad checkpoint or override fails before Ray starts
-    init_ray(RayConfig())
+    init_ray(RayConfig(address=address))
     from ray import serve as ray_serve
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our own lines say where and when it serves

@@ -443,6 +443,10 @@ class InferenceConfig(_Section):
         "this (ln 3 = 1.10 is a uniform guess between three classes)"
     )
     interval: float = Field(0.9, gt=0, lt=1, description="central probability of the reported intervals")
+    runtime: Literal["auto", "torch", "onnxruntime", "torchscript"] = Field(
+        "auto", description="what runs the model: auto, as it was saved (a checkpoint on torch, an export by its "
+        "format: `jointray export`); otherwise the model must be of this runtime, or loading it fails"
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU; "
         "never inherited from training"

@@ -79,6 +79,23 @@ def msd_checkpoint(ray_session, tmp_path_factory):
     return run_training(cfg, announce=lambda _: None).best_dir
 
 
+@pytest.fixture(scope="session")
+def msd_onnx(msd_checkpoint, tmp_path_factory):
+    """The shared MSD checkpoint exported to ONNX (float32, with its Monte Carlo graph)."""
+    from jointray.export.exporter import ExportSettings, export_model
+
+    return export_model(msd_checkpoint, tmp_path_factory.mktemp("export") / "onnx", ExportSettings(format="onnx"))
+
+
+def msd_held_out(index: int) -> tuple[Path, Path]:
+    """(image, label) of a real MSD case that the shared checkpoint never saw (index 0, 1, ...)."""
+    msd = shared_data("msd_hippocampus")
+    meta = json.loads((msd / "dataset.json").read_text())
+    entries = [e for e in meta["training"] if (msd / e["image"]).exists() and (msd / e["label"]).exists()]
+    entry = entries[MSD_TRAIN_CASES + index]
+    return msd / entry["image"], msd / entry["label"]
+
+
 #: The synthetic training cohort: 20 subjects, 48³, augmentation off so two runs with one seed are comparable.
 TRAIN_COHORT = ["data.format=synthetic", "data.synthetic.n_subjects=20", "preprocess.target_shape=[48,48,48]",
                 "train.batch_size=4", "train.n_folds=4", "train.augment.enabled=false", "train.patience=null",

@@ -4,7 +4,6 @@ import base64
 import concurrent.futures
 import gzip
 import io
-import json
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ import pytest
 import requests
 import torch
 import yaml
-from conftest import MSD_TRAIN_CASES, REPO, shared_data, zip_bytes
+from conftest import REPO, msd_held_out, shared_data, zip_bytes
 from matplotlib.image import imread
 from typer.testing import CliRunner
 
@@ -73,11 +72,7 @@ def _headers() -> dict[str, str]:
 
 
 def _held_out(index: int) -> tuple[Path, Path]:
-    msd = shared_data("msd_hippocampus")
-    meta = json.loads((msd / "dataset.json").read_text())
-    entries = [e for e in meta["training"] if (msd / e["image"]).exists() and (msd / e["label"]).exists()]
-    entry = entries[MSD_TRAIN_CASES + 20 + index]
-    return msd / entry["image"], msd / entry["label"]
+    return msd_held_out(20 + index)
 
 
 def _post(url: str, route: str, data: bytes, name: str = "case.nii.gz", params=None, form=None, headers=None):
@@ -376,3 +371,31 @@ def test_serve_build_agrees_with_the_config_file(msd_checkpoint, tmp_path):
     as_built = {d["name"]: {k: d.get(k) for k in keys} for d in built["applications"][0]["deployments"]}
     as_declared = {d["name"]: {k: d.get(k) for k in keys} for d in app["deployments"]}
     assert as_declared == as_built
+
+
+def test_the_server_serves_an_exported_onnx_model(server, msd_onnx):
+    """Last in this module: it redeploys the application with the ONNX export of the same checkpoint."""
+    from ray import serve
+
+    from jointray.artifacts import load_model
+    from jointray.serve.app import APP_NAME
+
+    version = load_model(msd_onnx).version
+    _deploy(msd_onnx, int(server.rsplit(":", 1)[1]), max_batch_size=4)
+    deadline = time.monotonic() + 120
+    while True:
+        running = serve.status().applications[APP_NAME].status == "RUNNING"
+        if running and requests.get(f"{server}/v1/model", headers=_headers(), timeout=30).json()["version"] == version:
+            break
+        assert time.monotonic() < deadline, "the application did not switch to the exported model"
+        time.sleep(0.5)
+    image_path, _ = _held_out(5)
+    response = _post(server, "/v1/predict", image_path.read_bytes(), image_path.name)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["mc"] == {"samples": 6, "mode": "full", "interval": 0.9}  # a graph samples its whole network
+    for name in STRUCTURES.values():
+        volume = body["structures"][name]["volume_mm3"]
+        assert volume["mask"] > 0 and volume["std"] > 0
+    refused = _post(server, "/v1/predict", image_path.read_bytes(), image_path.name, form={"mc_mode": "decoder"})
+    assert refused.status_code == 422 and "whole network" in refused.text

@@ -74,3 +74,16 @@ def train_val_datasets(prepared: str | Path, cfg: TrainConfig) -> tuple[ray.data
     """Ray Datasets over the shards of ``prepared``: (training fold(s), validation fold)."""
     train_ids, val_ids = split_subjects(prepared, cfg.n_folds, cfg.fold, cfg.seed)
     return subjects_dataset(prepared, train_ids), subjects_dataset(prepared, val_ids)
+
+
+def read_subjects(prepared: str | Path, subject_ids: list[str]) -> dict[str, np.ndarray]:
+    """The shard rows of ``subject_ids`` as NumPy columns (the ``iter_batches(batch_format="numpy")`` form),
+    read in this process: for work on a handful of cases (export calibration, fine-tuning) without a Ray job."""
+    keep = sorted(set(subject_ids))
+    files = sorted((Path(prepared) / SHARDS_DIR).glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(f, filters=pc.field("subject_id").isin(keep)) for f in files])
+    missing = set(keep) - set(table.column("subject_id").to_pylist())
+    if missing:
+        raise ValueError(f"{prepared}: no prepared rows for subjects {sorted(missing)[:5]}")
+    # Ray's tensor extension columns convert to N-d arrays (ray.data, imported above, registers the type).
+    return {name: table.column(name).combine_chunks().to_numpy(zero_copy_only=False) for name in table.column_names}

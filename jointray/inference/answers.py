@@ -94,7 +94,8 @@ def report_page(predictor: Predictor, case: PreparedCase, prediction: CasePredic
     from jointray.report.document import to_html
     from jointray.report.patient import patient_document
 
-    explanation = explain_case(predictor, case)
+    # An exported graph has no gradients to explain with: its report goes without the explanations.
+    explanation = explain_case(predictor, case) if predictor.runtimes == ["torch"] else None
     document = patient_document(body, case.original[0], case.geometry.original_affine, prediction.mask,
                                 prediction.entropy, predictor.metrics, predictor.config.model.num_classes,
                                 explanation)

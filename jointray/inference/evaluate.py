@@ -167,11 +167,13 @@ def evaluate(checkpoint: str | Path | list[str | Path], data: str | Path, out: s
     and the uncertainty figures."""
     started = time.perf_counter()
     sources = [str(Path(c).resolve()) for c in (checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])]
-    cfg = load_models(sources).members[0].config  # a missing or corrupt model fails here, before any actor starts
-    mc_mode = mc_mode or cfg.inference.mc_mode
-    if mc_samples < 1 or mc_samples > cfg.inference.max_mc_samples or mc_mode not in MC_MODES:
+    members = load_models(sources).members  # a missing or corrupt model fails here, before any actor starts
+    cfg = members[0].config
+    modes = MC_MODES if all(m.runtime == "torch" for m in members) else ("full",)  # a graph samples all or nothing
+    mc_mode = mc_mode or (cfg.inference.mc_mode if cfg.inference.mc_mode in modes else modes[0])
+    if mc_samples < 1 or mc_samples > cfg.inference.max_mc_samples or mc_mode not in modes:
         raise ConfigError(f"mc_samples={mc_samples} must be from 1 to inference.max_mc_samples="
-                          f"{cfg.inference.max_mc_samples} and mc_mode={mc_mode!r} one of {list(MC_MODES)}")
+                          f"{cfg.inference.max_mc_samples} and mc_mode={mc_mode!r} one of {list(modes)}")
     data_cfg: DataConfig = cfg.data
     scan = scan_path(Path(data), data_cfg, None if labels is None else Path(labels))
     if not scan.records and not scan.rejected:

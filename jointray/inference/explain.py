@@ -238,6 +238,9 @@ def explain_case(predictor, case, maps: bool = True, method: str = "hirescam") -
     from jointray.data.preprocess import restore_to_original
 
     model = predictor.models[0]
+    if not isinstance(model, JointModel):
+        raise ValueError("explanations need the model's gradients: give the training checkpoint (or a torch export), "
+                         "not an exported graph")
     image, clinical, voxel_volume, box = explained_input(predictor, case)
     heads = [h for h in OUTCOMES if h in predictor.trained_heads and model.heads is not None]
     targets = (list(predictor.structures.values()) if model.decoder is not None else []) + heads

@@ -1,7 +1,8 @@
 """Inference stage 2 (the accelerator): one batched, vectorised call over prepared cases.
 
 The models: one, or the members of an ensemble (:func:`jointray.artifacts.load_models`, e.g. the
-cross-validation folds), which answer as one by averaging probabilities; each reads the clinical record
+cross-validation folds), which answer as one by averaging probabilities; PyTorch models or exported graphs
+(:class:`~jointray.export.runtime.GraphModel`, which sample mode ``full`` only); each reads the clinical record
 as its own schema encodes it (folds normalise with their own training cases' statistics). For a batch
 of B cases of the training window's shape, :func:`window_forward` runs
 
@@ -47,6 +48,7 @@ from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
 from jointray.data.clinical import ClinicalInput
+from jointray.export.runtime import GraphModel, GraphSampler
 from jointray.losses.ordinal import coral_probabilities
 from jointray.models import MCSampler
 from jointray.models.joint import JointModel
@@ -141,6 +143,13 @@ def _point_outcomes(points: list[dict[str, torch.Tensor]]) -> tuple[dict[str, to
     return mean, (exceed > 0.5).sum(dim=1)
 
 
+def _sampler(model: JointModel | GraphModel, image: torch.Tensor, clinical: ClinicalInput, mode: str, cross: float,
+             vv: torch.Tensor, encoded: JointOutput | None) -> MCSampler | GraphSampler:
+    if isinstance(model, GraphModel):
+        return GraphSampler(model, image, clinical, mode, vv)
+    return MCSampler(model, image, clinical, mode, cross, vv, encoded=encoded)
+
+
 @torch.no_grad()
 def window_forward(models: list[JointModel], image: torch.Tensor, clinical: list[ClinicalInput], vv: torch.Tensor,
                    inside: torch.Tensor, samples: int, mode: str, s: ForwardSettings) -> list[ForwardResult]:
@@ -167,8 +176,8 @@ def window_forward(models: list[JointModel], image: torch.Tensor, clinical: list
             outcome_samples[name].append(value.unsqueeze(0))
     else:
         views = [(m, dims) for m in range(len(models)) for dims in ([()] + s.mirrors if segmentation_sampled else [()])]
-        samplers = [MCSampler(models[m], image.flip(dims) if dims else image, clinical[m], mode, s.cross, vv,
-                              encoded=first[m] if (mode == "heads" and not dims) else None) for m, dims in views]
+        samplers = [_sampler(models[m], image.flip(dims) if dims else image, clinical[m], mode, s.cross, vv,
+                             first[m] if (mode == "heads" and not dims) else None) for m, dims in views]
         per_chunk = max(1, s.chunk_cases // batch)
         for start in range(0, samples, per_chunk):
             indices = range(start, min(samples, start + per_chunk))

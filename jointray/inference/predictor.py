@@ -30,12 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from jointray.artifacts import load_models
+from jointray.artifacts import CheckpointError, load_models
 from jointray.config import InferenceConfig
 from jointray.data.errors import InputError
 from jointray.data.preprocess import restore_to_original
 from jointray.data.records import CaseRecord, Quarantined
 from jointray.data.shards import CLINICAL_PREFIX
+from jointray.export.runtime import load_graph_model
 from jointray.inference.cases import CasePreparer, PreparedCase
 from jointray.inference.forward import ForwardResult, ForwardSettings, mirror_sets, sliding_forward, window_forward
 from jointray.inference.postprocess import keep_largest_component
@@ -162,17 +163,24 @@ class Predictor:
         self.version, self.metrics = ensemble.version, ensemble.metrics
         self.config, self.spec, self.schema = artifact.config, artifact.spec, artifact.schema
         self.inference = inference or self.config.inference
+        self.runtimes = runtimes = sorted({member.runtime for member in ensemble.members})
+        if self.inference.runtime != "auto" and runtimes != [self.inference.runtime]:
+            raise CheckpointError(f"inference.runtime={self.inference.runtime} but the model runs on {', '.join(runtimes)}"
+                                  " (`jointray export --format onnx|torchscript` writes a graph)")
         self.models = []
         for member in ensemble.members:
+            if member.runtime != "torch":
+                self.models.append(load_graph_model(member, self.device))
+                continue
             model = to_layout(build_model(member.config.model, self.spec.channels, self.schema).to(self.device),
                               member.config.train.channels_last)
             model.load_state_dict(member.state_dict)
             self.models.append(model.eval())
+        # A graph samples its whole network or nothing (jointray.export.runtime).
+        self.mc_modes = MC_MODES if runtimes == ["torch"] else ("full",)
         self.schemas = [member.schema for member in ensemble.members]  # each fold normalises its own way
         self.trained_heads = artifact.trained_heads
-        curriculum = self.config.train.curriculum
-        # The cross-task strength the checkpoint was validated with: the training loop reports it.
-        self.cross = float(artifact.metrics.get("cross", curriculum.phases[-1].cross if curriculum.enabled else 1.0))
+        self.cross = artifact.cross
         self.structures = {k: v for k, v in self.config.data.label_names.items() if k != 0}
         self.largest_component = [k for k, name in self.structures.items() if name in ensemble.largest_component]
         self.autocast, _ = autocast_for(self.inference.precision, self.device)
@@ -200,12 +208,13 @@ class Predictor:
     def check_mc(self, mc_samples: int | None, mc_mode: str | None) -> tuple[int, str]:
         """The request's MC settings, defaulted from config and checked against its limits (ValueError)."""
         samples = self.inference.mc_samples if mc_samples is None else mc_samples
-        mode = self.inference.mc_mode if mc_mode is None else mc_mode
+        mode = mc_mode or (self.inference.mc_mode if self.inference.mc_mode in self.mc_modes else self.mc_modes[0])
         limit = self.inference.max_mc_samples
         if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= limit:
             raise ValueError(f"mc_samples={samples!r}: expected an integer from 1 to {self.inference.max_mc_samples}")
-        if mode not in MC_MODES:
-            raise ValueError(f"mc_mode={mode!r}: expected one of {list(MC_MODES)}")
+        if mode not in self.mc_modes:
+            raise ValueError(f"mc_mode={mode!r}: expected one of {list(self.mc_modes)}"
+                             + (" (an exported graph samples its whole network)" if mode in MC_MODES else ""))
         return samples, mode
 
     # -- stage 2 ---------------------------------------------------------------------------------------------

@@ -254,8 +254,9 @@ class Ingress:
                 "preprocess": p.spec.model_dump(mode="json"), "spec_digest": p.spec.digest(),
                 "clinical": {"numeric": [f.name for f in p.schema.numeric],
                              "categorical": {f.name: f.categories for f in p.schema.categorical}},
-                "mc": {"samples": p.inference.mc_samples, "mode": p.inference.mc_mode,
-                       "max_samples": p.inference.max_mc_samples, "modes": ["full", "decoder", "heads"]},
+                "runtime": p.runtimes,
+                "mc": {"samples": p.inference.mc_samples, "mode": p.check_mc(None, None)[1],
+                       "max_samples": p.inference.max_mc_samples, "modes": list(p.mc_modes)},
                 "max_upload_bytes": self.max_bytes, "api_key_required": self.api_key is not None,
                 "config": p.config.model_dump(mode="json", include={"model", "preprocess", "inference", "data"}),
             })
