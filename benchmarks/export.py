@@ -115,7 +115,8 @@ def measure(source: Path, precision: str, cases: Path, threads: int, repeats: in
     if timing.runtimes == ["onnxruntime"]:
         image, clinical, vv, _ = timing.tensors(prepared[:1])
         c = clinical[0]
-        inputs = dict(zip(INPUT_NAMES, (t.contiguous().numpy() for t in (image, c.numeric, c.missing, c.categorical, vv))))
+        tensors = (image, c.numeric, c.missing, c.categorical, vv)
+        inputs = dict(zip(INPUT_NAMES, (t.contiguous().numpy() for t in tensors)))
         profile = _profile(timing.models[0].deterministic.path, inputs, threads, repeats)
     del timing
     scoring = Predictor(source, device="cpu", inference=inference.model_copy(update={"precision": precision}))
@@ -193,7 +194,8 @@ def main() -> None:
     for name, r in results.items():
         b1, b8, base8, a = r["latency"]["1"], r["latency"]["8"], base["latency"]["8"], r["accuracy"]
         table.add_row(name, f"{r['size_mb']:.2f}", f"{r['gzip_mb']:.2f}",
-                      f"{b1['p50_s'] * 1e3:.0f}/{b1['p95_s'] * 1e3:.0f}", f"{b8['p50_s'] * 1e3:.0f}/{b8['p95_s'] * 1e3:.0f}",
+                      f"{b1['p50_s'] * 1e3:.0f}/{b1['p95_s'] * 1e3:.0f}",
+                      f"{b8['p50_s'] * 1e3:.0f}/{b8['p95_s'] * 1e3:.0f}",
                       f"{b8['cases_per_s']:.1f}", f"{base8['p50_s'] / b8['p50_s']:.2f}×", f"{r['peak_rss_mb']:.0f}",
                       f"{a['dice']:.4f}", f"{a['dice/anterior']:.4f}/{a['dice/posterior']:.4f}",
                       f"{a['dice'] - base['accuracy']['dice']:+.4f}",

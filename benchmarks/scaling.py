@@ -112,7 +112,8 @@ def predict(step_s: float, forward_share: float, nbytes: float, batch: int, gpus
     comm = ring_allreduce_s(nbytes, gpus, gbps, latency_s)
     forward, backward = step_s * forward_share, step_s * (1 - forward_share)
     serial, overlapped = step_s + comm, forward + max(backward, comm)
-    return {"comm_s": comm, "cases_per_s_serial": gpus * batch / serial, "cases_per_s_overlap": gpus * batch / overlapped,
+    return {"comm_s": comm, "cases_per_s_serial": gpus * batch / serial,
+            "cases_per_s_overlap": gpus * batch / overlapped,
             "efficiency_serial": step_s / serial, "efficiency_overlap": step_s / overlapped}
 
 
@@ -172,9 +173,11 @@ def main() -> None:
         modelled_two = one["step_s"] + two["allreduce_s"]  # gloo all-reduce runs after backward here
         entry = {"one_process": one, "two_processes": two, "gpu_step_s": gpu_step,
                  "two_processes_modelled_step_s": modelled_two, "predictions": {}}
+        source = ("measured" if args.gpu_step_ms else
+                  f"assumed: {args.gpu_tflops:g} TFLOP/s x {args.gpu_utilization:g} utilisation")
         table = Table(title=f"{config}: {one['shape']} batch {one['batch']} per GPU; {one['flops_per_step'] / 1e9:.1f} "
                             f"GFLOP and {one['grad_bytes'] / 1e6:.1f} MB of gradients per step; GPU step "
-                            f"{gpu_step * 1e3:.1f} ms ({'measured' if args.gpu_step_ms else 'assumed: ' + str(args.gpu_tflops) + ' TFLOP/s x ' + str(args.gpu_utilization)})")
+                            f"{gpu_step * 1e3:.1f} ms ({source})")
         for column in ("GPUs", "link", "all-reduce ms", "cases/s (no overlap)", "efficiency", "cases/s (overlap)",
                        "efficiency (overlap)"):
             table.add_column(column, justify="right")

@@ -332,7 +332,8 @@ def export(
     for kind in ("deterministic", "mc"):
         quantized = model.export.get(f"quantization_{kind}")
         if quantized:
-            console.print(f"INT8 ({kind} graph): {quantized['int8_layers']}; left in float: {quantized['float_layers']}")
+            console.print(f"INT8 ({kind} graph): {quantized['int8_layers']}; "
+                          f"left in float: {quantized['float_layers']}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -11,7 +11,6 @@ from functools import cache
 from pathlib import Path
 
 import jsonschema
-import pytest
 import yaml
 from conftest import REPO
 
@@ -70,7 +69,8 @@ def test_every_manifest_is_valid_against_the_kuberay_v1_schema_and_unknown_field
     for name, doc in crs:
         assert doc["apiVersion"] == "ray.io/v1", name
         assert set(doc["metadata"]) <= {"name", "namespace", "labels", "annotations"}, name
-        errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in _validator(doc["kind"]).iter_errors(doc)]
+        errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                  for e in _validator(doc["kind"]).iter_errors(doc)]
         assert not errors, f"{name}: {errors}"
     # The check has teeth: a misspelt field anywhere in the tree, or a wrong type, fails.
     name, job = next((n, d) for n, d in crs if d["kind"] == "RayJob")
@@ -93,7 +93,8 @@ def test_gpu_workers_cpu_heads_lifetimes_and_storage():
         assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"], name
         for group in cluster["workerGroupSpecs"]:
             (container,) = group["template"]["spec"]["containers"]
-            assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"]["nvidia.com/gpu"]
+            resources = container["resources"]
+            assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"], name
             assert container["image"] == head["template"]["spec"]["containers"][0]["image"], name
         claims = [v["persistentVolumeClaim"]["claimName"] for v in head["template"]["spec"]["volumes"]
                   if "persistentVolumeClaim" in v]

@@ -58,7 +58,8 @@ class GraphRunner:
         return [torch.from_numpy(np.ascontiguousarray(o)).to(inputs[0].device) for o in self.session.run(None, feed)]
 
 
-def _inputs(image: torch.Tensor, clinical: ClinicalInput, voxel_volume: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+def _inputs(image: torch.Tensor, clinical: ClinicalInput,
+            voxel_volume: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     if voxel_volume is None:
         voxel_volume = torch.ones(image.shape[0], device=image.device)
     return (image.float(), clinical.numeric.float(), clinical.missing.bool(), clinical.categorical.long(),

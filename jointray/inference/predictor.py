@@ -165,8 +165,8 @@ class Predictor:
         self.inference = inference or self.config.inference
         self.runtimes = runtimes = sorted({member.runtime for member in ensemble.members})
         if self.inference.runtime != "auto" and runtimes != [self.inference.runtime]:
-            raise CheckpointError(f"inference.runtime={self.inference.runtime} but the model runs on {', '.join(runtimes)}"
-                                  " (`jointray export --format onnx|torchscript` writes a graph)")
+            raise CheckpointError(f"inference.runtime={self.inference.runtime} but the model runs on "
+                                  f"{', '.join(runtimes)} (`jointray export --format onnx|torchscript` writes a graph)")
         self.models = []
         for member in ensemble.members:
             if member.runtime != "torch":
