@@ -27,7 +27,6 @@ import gzip
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -84,6 +83,13 @@ def _profile(graph: Path, inputs: dict[str, np.ndarray], threads: int, repeats: 
     return {op: t / total for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])}
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory since its exec (``VmHWM``). Not ``ru_maxrss``: Linux keeps that
+    across exec, so a child of this script would report the parent's peak."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
 def measure(source: Path, precision: str, cases: Path, threads: int, repeats: int) -> dict:
     """In a fresh process: latency, memory and accuracy of the model at ``source``."""
     import torch
@@ -131,7 +137,7 @@ def measure(source: Path, precision: str, cases: Path, threads: int, repeats: in
     raw = sum(f.stat().st_size for f in files)
     packed = sum(len(gzip.compress(f.read_bytes(), 6)) for f in files)
     return {"latency": latency, "accuracy": accuracy, "cases": len(rows), "size_mb": raw / 1e6,
-            "gzip_mb": packed / 1e6, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "gzip_mb": packed / 1e6, "peak_rss_mb": _peak_rss_mb(),
             "profile": profile}
 
 
