@@ -43,6 +43,7 @@ from jointray.atomic_dir import recover, staged_dir
 from jointray.config import Config
 from jointray.data.clinical import ClinicalSchema
 from jointray.data.spec import PreprocessSpec
+from jointray.storage import local_model
 
 STATE_FILE = "checkpoint.pt"
 META_FILE = "meta.json"
@@ -240,10 +241,18 @@ def _load_exported(folder: Path, map_location) -> ModelArtifact:
         export=json.loads((folder / EXPORT_FILE).read_text()) if (folder / EXPORT_FILE).is_file() else {})
 
 
+def _local(location: str | Path) -> Path:
+    """A model location as a local folder (a URI's folder fetched into the node's cache)."""
+    try:
+        return local_model(location)
+    except OSError as exc:  # nothing there, or the store cannot be reached: as for a bad local folder
+        raise CheckpointError(str(exc)) from exc
+
+
 def read_config(folder: str | Path) -> Config:
     """The config a checkpoint or exported artifact was trained with (an ensemble's first member's), without
-    reading its weights."""
-    folder = Path(folder)
+    reading its weights. ``folder`` may be a URI (:func:`jointray.storage.local_model`)."""
+    folder = _local(folder)
     if (folder / ENSEMBLE_FILE).is_file():
         return read_config(_ensemble_manifest(folder)[0][0])
     if (folder / ARTIFACT_FILE).is_file() and (folder / "config.yaml").is_file():
@@ -255,8 +264,9 @@ def read_config(folder: str | Path) -> Config:
 
 
 def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> ModelArtifact:
-    """Read a training checkpoint or an exported artifact (verified either way) for inference."""
-    folder = Path(folder)
+    """Read a training checkpoint or an exported artifact (verified either way) for inference; ``folder`` may
+    be a URI (:func:`jointray.storage.local_model`)."""
+    folder = _local(folder)
     recover(folder)  # a crash mid-switch of an export leaves the previous version aside: put it back
     if (folder / ARTIFACT_FILE).is_file():
         return _load_exported(folder, map_location)
@@ -329,8 +339,8 @@ def load_models(source: str | Path | list[str | Path], map_location: str | torch
     """A checkpoint, an exported model, an ensemble folder, or a list of any of these (their members pooled,
     post-processing only from a single ensemble folder), verified to take the same input the same way:
     one PreprocessSpec, clinical features (each member keeps its own normalisation), label names, outcome
-    heads with targets, and cross-task strength."""
-    sources = [Path(p) for p in source] if isinstance(source, (list, tuple)) else [Path(source)]
+    heads with targets, and cross-task strength. Any of them may be a URI (:func:`jointray.storage.local_model`)."""
+    sources = [_local(p) for p in source] if isinstance(source, (list, tuple)) else [_local(source)]
     if not sources:
         raise CheckpointError("no model given")
     folders: list[Path] = []

@@ -175,7 +175,7 @@ def _print_search(summary) -> None:
     ranked = table.assign(_failed=table["status"] != "COMPLETE").sort_values(
         ["_failed", first], ascending=[True, mode == "min"], na_position="last")
     params = [c for c in table.columns if c.startswith("param/")]
-    view = Table(title=f"jointray tune: {summary.folder.name} ({len(table)} trials, "
+    view = Table(title=f"jointray tune: {str(summary.where).rstrip('/').rpartition('/')[2]} ({len(table)} trials, "
                        f"{int((table['status'] == 'COMPLETE').sum())} complete)")
     # Column heads: the key's last two parts (phases.2.cross, weights.mmse), which name it in a narrow terminal.
     for column in ["trial", "status", *(".".join(p.removeprefix("param/").split(".")[-2:]) for p in params), *summary.objectives,
@@ -191,6 +191,8 @@ def _print_search(summary) -> None:
     console.print(view)
     for _, row in table[table["error"] != ""].iterrows():
         console.print(f"[red]trial {row['trial_id']} failed:[/red] {row['error']}")
+    if str(summary.where) != str(summary.folder):
+        console.print(f"search folder: {summary.where} (this machine's copy of its files: {summary.folder})")
     console.print(f"results: {summary.folder / 'results.csv'}")
     if summary.plot is not None:
         console.print(f"plot: {summary.plot}")
@@ -204,8 +206,8 @@ def _print_search(summary) -> None:
 def tune(
     config: str = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " (with a tune section)"),
     overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. tune.num_samples=8"),
-    resume: Path = typer.Option(None, "--resume", help="continue the search in this folder "
-                                "(runs/<tune.name>) with the config it started with"),
+    resume: str = typer.Option(None, "--resume", help="continue the search in this folder (runs/<tune.name>) or "
+                               "storage URI with the config it started with"),
     address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
 ) -> None:
     """Search training hyperparameters with Ray Tune and Optuna; exports the best trial's checkpoint and config."""
@@ -243,9 +245,9 @@ def _print_evaluation(report) -> None:
 
 @app.command()
 def evaluate(
-    checkpoint: list[Path] = typer.Option(..., "--checkpoint", help="checkpoint folder (runs/<name>/best), exported "
-                                          "model or ensemble (runs/<name> after --all-folds); repeat it to "
-                                          "average several models"),
+    checkpoint: list[str] = typer.Option(..., "--checkpoint", help="checkpoint folder (runs/<name>/best), exported "
+                                         "model or ensemble (runs/<name> after --all-folds), or its storage URI; "
+                                         "repeat it to average several models"),
     data: Path = typer.Option(..., "--data", help="MSD folder, manifest CSV/Parquet, NIfTI folder or DICOM series"),
     out: Path = typer.Option(..., "--out", help="output folder: masks/, cases.csv, summary.json"),
     labels: Path = typer.Option(None, "--labels", help="for a NIfTI folder: reference labels under the same names"),
@@ -338,7 +340,8 @@ def export(
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="runs/<name>/best as it is, or an exported model"),
+    checkpoint: str = typer.Option(..., "--checkpoint", help="runs/<name>/best as it is, or an exported model; a "
+                                   "folder or a storage URI (s3://bucket/runs/<name>/best)"),
     overrides: list[str] = typer.Argument(None, help="serve.* / inference.* overrides, e.g. serve.max_batch_size=16"),
     host: str = typer.Option(None, "--host", help="bind address (default serve.host, 127.0.0.1)"),
     port: int = typer.Option(None, "--port", help="HTTP port (default serve.port, 8000)"),
@@ -355,6 +358,7 @@ def serve(
     from jointray.config import RayConfig
     from jointray.runtime import init_ray
     from jointray.serve.app import serving_config, start
+    from jointray.storage import redact
 
     extra = list(overrides or []) + ([f"serve.host={host}"] if host else []) + ([f"serve.port={port}"] if port else [])
     with _usage_errors(CheckpointError):
@@ -367,7 +371,8 @@ def serve(
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     try:
         url = start(checkpoint, extra)
-        console.print(f"serving {checkpoint} at [bold]{url}[/bold] (viewer {url}/, API {url}/docs); Ctrl-C stops")
+        console.print(f"serving {redact(checkpoint)} at [bold]{url}[/bold] (viewer {url}/, API {url}/docs); "
+                      "Ctrl-C stops")
         while not stop:
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -410,8 +415,8 @@ def _print_predictions(answers: list[tuple[str, dict]]) -> None:
 def predict(
     files: list[Path] = typer.Argument(..., help="NIfTI files, DICOM series folders or zips of one series"),
     url: str = typer.Option(None, "--url", help="a running server, e.g. http://127.0.0.1:8000 (else in-process)"),
-    checkpoint: list[Path] = typer.Option(None, "--checkpoint", help="without --url: the model to run in-process "
-                                          "(repeat it to average several)"),
+    checkpoint: list[str] = typer.Option(None, "--checkpoint", help="without --url: the model to run in-process, a "
+                                         "folder or storage URI (repeat it to average several)"),
     clinical: str = typer.Option(None, "--clinical", help='clinical record as JSON, e.g. \'{"age": 71}\''),
     out: Path = typer.Option(None, "--out", help="folder for the masks (default: beside each input)"),
     mc_samples: int = typer.Option(None, "--mc-samples", help="Monte Carlo samples (default from the model)"),
@@ -456,7 +461,8 @@ def predict(
 @app.command()
 def explain(
     file: Path = typer.Argument(..., help="a NIfTI file, DICOM series folder or zip of one series"),
-    checkpoint: list[Path] = typer.Option(..., "--checkpoint", help="the model (an ensemble: its first member)"),
+    checkpoint: list[str] = typer.Option(..., "--checkpoint", help="the model, a folder or storage URI (an "
+                                         "ensemble: its first member)"),
     clinical: str = typer.Option(None, "--clinical", help='clinical record as JSON, e.g. \'{"age": 71}\''),
     out: Path = typer.Option(None, "--out", help="folder for what is written (default: beside the input)"),
     method: str = typer.Option("hirescam", "--method", help="activation maps: hirescam or gradcam"),

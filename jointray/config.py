@@ -464,6 +464,9 @@ class ServeConfig(_Section):
 
     host: str = Field("127.0.0.1", description="address the HTTP proxy binds to; 0.0.0.0 exposes it")
     port: int = Field(8000, ge=1, le=65535)
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="where Serve runs HTTP proxies: every node with a replica (Serve's default), or the "
+                                 "head only (one entry point; also where several nodes share one address)")
     replicas: int = Field(1, ge=1, description="model replicas when autoscaling is off")
     autoscale: bool = Field(False, description="autoscale the model replicas between min_replicas and max_replicas")
     min_replicas: int = Field(1, ge=0)
@@ -543,7 +546,8 @@ class TuneConfig(_Section):
     """A hyperparameter search over this config with Ray Tune (see :mod:`jointray.tune`)."""
 
     name: str = Field("tune", pattern=r"^[A-Za-z0-9_.-]+$", description="search folder name under storage_path")
-    storage_path: str = Field("runs", description="local folder for the search (trials, study, results)")
+    storage_path: str = Field("runs", description="local folder or storage URI (s3://, gs://) for the search "
+                              "(trials, study, results)")
     searcher: Literal["optuna", "grid"] = Field(
         "optuna", description="optuna: TPE (multi-objective TPE with several objectives); grid: every combination "
         "of the grid dimensions, num_samples times"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jointray.config import Config, ConfigError
+from jointray.storage import is_uri
 
 
 def check_prepare(cfg: Config) -> None:
@@ -30,14 +31,14 @@ def check_train(cfg: Config) -> None:
                           "`jointray prepare` with this config first")
 
 
-def check_checkpoint(checkpoint: Path) -> None:
-    """``--checkpoint`` exists; whether it holds a checkpoint is :func:`jointray.artifacts.read_config`'s
-    check, which needs torch imported."""
-    if not checkpoint.exists():
+def check_checkpoint(checkpoint: str | Path) -> None:
+    """``--checkpoint`` exists (a storage URI is fetched and checked by :func:`jointray.artifacts.read_config`,
+    as is whether a folder holds a checkpoint: it needs torch imported)."""
+    if not is_uri(checkpoint) and not Path(checkpoint).exists():
         raise ConfigError(f"--checkpoint {checkpoint} does not exist")
 
 
-def check_evaluate(checkpoint: Path, data: Path, labels: Path | None) -> None:
+def check_evaluate(checkpoint: str | Path, data: Path, labels: Path | None) -> None:
     """``--checkpoint``, ``--data`` and ``--labels`` (if given) exist."""
     check_checkpoint(checkpoint)
     if not data.exists():

@@ -6,6 +6,12 @@ import io
 import json
 import os
 import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -16,6 +22,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# Models fetched from storage URIs go to a cache of the session's own, not the user's ~/.cache.
+os.environ.setdefault("JOINTRAY_CACHE", tempfile.mkdtemp(prefix="jointray-test-cache-"))
 # The served test app asks for this API key; set before Ray starts so that its workers inherit it.
 os.environ.setdefault("JOINTRAY_TEST_API_KEY", secrets.token_hex(16))
 
@@ -32,6 +40,40 @@ def shared_data(name: str) -> Path:
             pytest.fail(message + "; CI must have it")
         pytest.skip(message)
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port, with one bucket: (its pyarrow filesystem, the URI of
+    ``runs-bucket/runs`` with credentials and options)."""
+    import pyarrow.fs as pafs
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.2)
+        options = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        fs, _ = pafs.FileSystem.from_uri(f"s3://key:secret@runs-bucket/x?{options}&allow_bucket_creation=true")
+        fs.create_dir("runs-bucket")
+        yield fs, f"s3://key:secret@runs-bucket/runs?{options}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

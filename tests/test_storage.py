@@ -1,11 +1,6 @@
 """Remote run storage behaves like local: a file:// URI, and S3 on a local S3-compatible server (moto)."""
 
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -28,33 +23,6 @@ def prepared(ray_session, tmp_path_factory):
     overrides = [*BASE, f"data.root={root / 'cohort'}", f"data.output={root / 'prepared'}"]
     assert prepare_dataset(load_config(None, overrides)).prepared == 12
     return overrides
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto's S3 server on a free loopback port, with one bucket; yields the storage URI's prefix."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.2)
-        options = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        fs, _ = pafs.FileSystem.from_uri(f"s3://key:secret@runs-bucket/x?{options}&allow_bucket_creation=true")
-        fs.create_dir("runs-bucket")
-        yield fs, f"s3://key:secret@runs-bucket/runs?{options}"
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def _state(fs: pafs.FileSystem, path: str):

@@ -40,6 +40,7 @@ from jointray.metrics.cohort import validation_metrics, volume_agreement
 from jointray.metrics.risk_groups import risk_groups
 from jointray.metrics.trust import trust_metrics
 from jointray.models import MC_MODES
+from jointray.storage import is_uri, redact
 
 MASKS_DIR = "masks"
 CASES_FILE = "cases.csv"
@@ -166,7 +167,8 @@ def evaluate(checkpoint: str | Path | list[str | Path], data: str | Path, out: s
     (``mc_mode`` as in :data:`jointray.models.MC_MODES`, default the config's), for the per-case intervals
     and the uncertainty figures."""
     started = time.perf_counter()
-    sources = [str(Path(c).resolve()) for c in (checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])]
+    sources = [str(c) if is_uri(c) else str(Path(c).resolve())
+               for c in (checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])]
     members = load_models(sources).members  # a missing or corrupt model fails here, before any actor starts
     cfg = members[0].config
     modes = MC_MODES if all(m.runtime == "torch" for m in members) else ("full",)  # a graph samples all or nothing
@@ -214,7 +216,7 @@ def evaluate(checkpoint: str | Path | list[str | Path], data: str | Path, out: s
     metrics = summarize_cases(rows, structures, cfg.model.cdr_classes) if rows else {}
     metrics |= {f"voxel_ece/{region}": bins_calibration_error(bins) for region, bins in reliability.items()}
     pd.DataFrame(rows).to_csv(out / CASES_FILE, index=False)
-    report = EvaluationReport(checkpoint=", ".join(sources), data=str(data),
+    report = EvaluationReport(checkpoint=", ".join(map(redact, sources)), data=str(data),
                               inputs=len(scan.records) + len(scan.rejected),
                               predicted=len(rows), quarantined=quarantined, metrics=metrics, out=str(out), tta=tta,
                               mc_samples=mc_samples, mc_mode=mc_mode, interval=cfg.inference.interval,

@@ -26,13 +26,15 @@ from jointray.artifacts import read_config
 from jointray.config import Config, ConfigError, config_from_tree
 from jointray.serve.ingress import Ingress
 from jointray.serve.model import ModelServer
+from jointray.storage import is_uri
 
 APP_NAME = "jointray"
 SERVABLE_SECTIONS = ("serve.", "inference.")
 
 
 class AppArgs(BaseModel):
-    """Arguments of :func:`build_app`: a checkpoint or exported model folder and overrides of its config."""
+    """Arguments of :func:`build_app`: a checkpoint or exported model folder (a path or a storage URI such as
+    ``s3://bucket/runs/name/best``) and overrides of its config."""
 
     checkpoint: str
     overrides: list[str] = []
@@ -51,7 +53,9 @@ def build_app(args: AppArgs | dict) -> Application:
     """The Serve application for ``args.checkpoint`` (see the module docstring). A Serve config file passes
     ``args`` as a dict: Serve cannot see the AppArgs annotation through postponed evaluation."""
     args = AppArgs.model_validate(args) if isinstance(args, dict) else args
-    checkpoint = str(Path(args.checkpoint).resolve())
+    # A local folder as an absolute path (replicas do not share the driver's working folder); a URI as it is,
+    # fetched by each replica's node (jointray.storage.local_model).
+    checkpoint = args.checkpoint if is_uri(args.checkpoint) else str(Path(args.checkpoint).resolve())
     cfg = serving_config(checkpoint, args.overrides)
     s = cfg.serve
     scaling = ({"autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
@@ -102,7 +106,7 @@ def start(checkpoint: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Deploy on the connected Ray instance with the HTTP proxy on ``serve.host:serve.port``; returns the URL
     once ``/healthz`` answers 200."""
     cfg = serving_config(checkpoint, overrides)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, proxy_location=cfg.serve.proxy_location)
     serve.run(build_app(AppArgs(checkpoint=str(checkpoint), overrides=list(overrides))), name=APP_NAME,
               route_prefix="/", logging_config={"log_level": cfg.serve.log_level})
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"

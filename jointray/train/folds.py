@@ -36,7 +36,8 @@ from jointray.data.sources import scan_source
 from jointray.data.streaming import DATA_TASK_CPUS, split_subjects
 from jointray.inference.postprocess import ComponentEvidence
 from jointray.inference.predictor import Predictor
-from jointray.train.trainer import Storage, TrainResult, prepared_folder, run_training
+from jointray.storage import Storage
+from jointray.train.trainer import TrainResult, prepared_folder, run_training
 
 
 @dataclass

@@ -20,7 +20,6 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -37,6 +36,7 @@ from jointray.data.provenance import check_shards_match
 from jointray.data.shards import CLINICAL_PREFIX, SHARDS_DIR, SPEC_FILE, read_spec
 from jointray.data.streaming import DATA_TASK_CPUS, split_subjects, train_val_datasets
 from jointray.models import build_model
+from jointray.storage import Storage
 from jointray.train.loop import threads_for, train_loop_per_worker
 from jointray.train.refit import refit_heads
 from jointray.train.tracking import HISTORY_FILE
@@ -135,33 +135,6 @@ def heads_with_targets(prepared: Path, train_ids: list[str], heads: list[str]) -
     seen = {"mmse": bool(np.isfinite(column["mmse"]).any()), "cdr": bool(np.isfinite(column["cdr"]).any()),
             "risk": bool((np.isfinite(column["time"]) & (column["event"] == 1)).any())}
     return [h for h in heads if seen[h]]
-
-
-@dataclass
-class Storage:
-    """Where runs live: a pyarrow filesystem and the run folder's path on it (local or remote alike)."""
-
-    fs: pafs.FileSystem
-    base: str  # storage_path on ``fs``
-    uri: str  # storage_path as the user gave it (query options dropped), for messages
-    local: bool
-
-    @classmethod
-    def of(cls, storage_path: str) -> Storage:
-        if "://" not in storage_path:
-            base = str(Path(storage_path).resolve())
-            return cls(pafs.LocalFileSystem(), base, base, True)
-        fs, base = pafs.FileSystem.from_uri(storage_path)
-        parts = urlsplit(storage_path)  # credentials and options stay out of messages
-        uri = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}".rstrip("/")
-        return cls(fs, base.rstrip("/"), uri, isinstance(fs, pafs.LocalFileSystem))
-
-    def exists(self, path: str) -> bool:
-        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
-
-    def where(self, *parts: str) -> Path | str:
-        """A path under storage_path as the user can use it: a Path when local, else a URI."""
-        return Path(self.base, *parts) if self.local else "/".join([self.uri, *parts])
 
 
 def _check_resume(cfg: Config, storage: Storage, run_path: str) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,12 @@ import yaml
 
 from jointray.artifacts import export_checkpoint, read_config
 from jointray.config import Config
+from jointray.storage import Storage
 
 # The search folder's layout (jointray.tune.search documents it).
 STUDY_DB = "optuna.db"
 TRIALS_DIR = "trials"
+ATTEMPTS_FILE = "attempts.jsonl"  # in each trial's run folder
 
 matplotlib.use("Agg")  # files only: no display on a cluster node
 import matplotlib.pyplot as plt
@@ -48,10 +51,17 @@ from matplotlib.ticker import MaxNLocator
 RESULTS = "results"
 BEST_DIR = "best"
 BEST_CONFIG = "best_config.yaml"
+BEST_TRIAL = "best_trial.json"
+#: What :func:`summarize` writes (a search at a URI uploads these from the driver's mirror).
+RESULT_FILES = (STUDY_DB, f"{RESULTS}.parquet", f"{RESULTS}.csv", "pareto.png", "history.png", BEST_CONFIG,
+                BEST_TRIAL, BEST_DIR)
 
 
 @dataclass
 class ResultsSummary:
+    """A finished search: ``folder`` holds its files on this machine; ``where`` is the search folder as the
+    user names it (the same folder, or the storage URI the files were uploaded to)."""
+
     folder: Path
     table: pd.DataFrame
     objectives: dict[str, str]
@@ -59,6 +69,7 @@ class ResultsSummary:
     best_dir: Path | None
     best_config: Path | None
     plot: Path | None
+    where: Path | str | None = None
 
 
 def dominates(a: np.ndarray, b: np.ndarray, signs: np.ndarray) -> bool:
@@ -85,13 +96,14 @@ def _reason(trial) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _attempts(run_dir: Path) -> int:
-    path = run_dir / "attempts.jsonl"
-    return len(path.read_text().splitlines()) if path.is_file() else 0
+def _attempts(trials: Storage, trial_id: str) -> int:
+    path = trials.path(trial_id, ATTEMPTS_FILE)
+    return len(trials.read_text(path).splitlines()) if trials.exists(path) else 0
 
 
-def results_table(trials, trials_dir: Path) -> pd.DataFrame:
-    """One row per Tune trial (``ray.tune.ExperimentAnalysis(...).trials``)."""
+def results_table(trials, trials_dir: Storage) -> pd.DataFrame:
+    """One row per Tune trial (``ray.tune.ExperimentAnalysis(...).trials``); ``trials_dir``: the search's
+    trials folder."""
     rows = []
     for trial in trials:
         metrics = dict(trial.last_result or {})
@@ -108,7 +120,7 @@ def results_table(trials, trials_dir: Path) -> pd.DataFrame:
             "best_epoch": float(metrics.get("best_epoch", math.nan)),
             "start": end - float(metrics.get("time_total_s", math.nan)), "end": end,
             "time_s": float(metrics.get("time_total_s", math.nan)),
-            "attempts": _attempts(trials_dir / trial.trial_id),
+            "attempts": _attempts(trials_dir, trial.trial_id),
             "resumed_from_epoch": float(metrics.get("resumed_from_epoch", math.nan)),
             "checkpoint": metrics.get("checkpoint_path", "") if metrics.get("final") else "",
         })
@@ -174,17 +186,18 @@ def _best_config(cfg: Config, trial_cfg_tree: dict[str, Any], folder: Path) -> P
     return path
 
 
-def summarize(cfg: Config, folder: Path, trials, study_name: str | None) -> ResultsSummary:
+def summarize(cfg: Config, folder: Path, trials_dir: Storage, trials, study_name: str | None) -> ResultsSummary:
     """Write the table, the plot, the best config and the best checkpoint of a finished search.
 
     Args:
         cfg: the search's config.
-        folder: the search folder.
-        trials: Tune's trials (``ray.tune.ExperimentAnalysis(<folder>/tune).trials``).
+        folder: the search folder on this machine (a remote search's mirror).
+        trials_dir: the search's trials folder, where each trial's run lies.
+        trials: Tune's trials (``ray.tune.ExperimentAnalysis(<search>/tune).trials``).
         study_name: the Optuna study's name; None for a grid search.
     """
     objectives = dict(cfg.tune.objectives)
-    table = results_table(trials, folder / TRIALS_DIR)
+    table = results_table(trials, trials_dir)
     for name in objectives:
         if name not in table:
             table[name] = math.nan
@@ -202,11 +215,17 @@ def summarize(cfg: Config, folder: Path, trials, study_name: str | None) -> Resu
         candidates = table[table["trial_id"].isin(front)]
         row = candidates.loc[candidates[first].idxmax() if mode == "max" else candidates[first].idxmin()]
         best_trial = str(row["trial_id"])
-        export_checkpoint(Path(row["checkpoint"]), folder / BEST_DIR)
+        source = trials_dir.path(best_trial, BEST_DIR)  # the trial's run exported its best checkpoint there
+        if trials_dir.local:
+            export_checkpoint(Path(source), folder / BEST_DIR)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                trials_dir.download(source, Path(tmp) / BEST_DIR)
+                export_checkpoint(Path(tmp) / BEST_DIR, folder / BEST_DIR)
         best_dir = folder / BEST_DIR
         trial_cfg = read_config(best_dir)
         best_config = _best_config(cfg, trial_cfg.model_dump(mode="json", exclude={"tune"}), folder)
-        (folder / "best_trial.json").write_text(json.dumps({"trial_id": best_trial, "objectives": {
+        (folder / BEST_TRIAL).write_text(json.dumps({"trial_id": best_trial, "objectives": {
             k: float(row[k]) for k in objectives}}, indent=2) + "\n")
     return ResultsSummary(folder=folder, table=table, objectives=objectives, best_trial=best_trial,
                           best_dir=best_dir, best_config=best_config, plot=plot)

@@ -55,9 +55,9 @@ def encode_point(space: dict[str, SearchDimension], point: dict[str, Any]) -> di
     return {key: encode_value(space[key], value) for key, value in point.items()}
 
 
-def trial_config(cfg: Config, params: dict[str, Any], trials_dir: Path, trial_id: str) -> Config:
+def trial_config(cfg: Config, params: dict[str, Any], trials_dir: str, trial_id: str) -> Config:
     """The config of one trial: ``cfg`` with the trial's parameters applied, in its own run folder
-    ``<trials_dir>/<trial_id>`` (its checkpoints, TensorBoard, MLflow run and fault marker), resumable:
+    ``<trials_dir>/<trial_id>`` (``trials_dir`` a path or a storage URI; its checkpoints, TensorBoard, MLflow run and fault marker), resumable:
     a trial restarted after the search's driver died continues its own training.
 
     Raises:
@@ -66,6 +66,6 @@ def trial_config(cfg: Config, params: dict[str, Any], trials_dir: Path, trial_id
     """
     tree = cfg.model_dump(mode="json", exclude={"tune"})
     overrides = [override_text(key, decode_value(cfg.tune.space[key], value)) for key, value in params.items()]
-    overrides += [override_text("train.name", trial_id), override_text("train.storage_path", str(trials_dir)),
+    overrides += [override_text("train.name", trial_id), override_text("train.storage_path", trials_dir),
                   "train.resume=true"]
     return config_from_tree(copy.deepcopy(tree), overrides)

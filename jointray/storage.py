@@ -1,0 +1,161 @@
+"""Where runs, searches and models live: a local folder or a URI (``s3://``, ``gs://``, ``file://``).
+
+One code path for both, through pyarrow's filesystems (what Ray Train and Tune use for their own
+``storage_path``). A URI keeps its query options — ``s3://key:secret@bucket/runs?endpoint_override=
+host:9000&scheme=http`` reaches an S3-compatible server — and :meth:`Storage.location` hands them on to
+the folders below it; messages show it without credentials and options (:attr:`Storage.uri`).
+
+Models are read locally: :func:`local_model` copies a model folder at a URI into a per-node cache, once
+per content (keyed by its manifest), so every Serve replica or evaluation actor on a node of a cluster
+loads the same files without a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow.fs as pafs
+
+#: Where :func:`local_model` keeps copies of remote models (``JOINTRAY_CACHE`` moves it).
+CACHE_ENV = "JOINTRAY_CACHE"
+#: The file that says what a model folder is, in the order they are looked for (see jointray.artifacts).
+MODEL_MANIFESTS = ("ensemble.json", "artifact.json", "meta.json")
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    return "://" in str(location)
+
+
+def redact(location: str | os.PathLike) -> str:
+    """``location`` fit for a message or a report: a URI without its credentials and options."""
+    if not is_uri(location):
+        return str(location)
+    parts = urlsplit(str(location))
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}".rstrip("/")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jointray")
+
+
+@dataclass
+class Storage:
+    """A pyarrow filesystem and a folder's path on it (local or remote alike).
+
+    ``base``: the folder on ``fs``; ``uri``: the folder as the user can read it in a message (a Path's
+    text when local; a URI without credentials or options when remote); ``local``: on this machine's
+    filesystem.
+    """
+
+    fs: pafs.FileSystem
+    base: str
+    uri: str
+    local: bool
+    given: str  # the location as given, options included
+
+    @classmethod
+    def of(cls, location: str | os.PathLike) -> Storage:
+        location = str(location)
+        if not is_uri(location):
+            base = str(Path(location).resolve())
+            return cls(pafs.LocalFileSystem(), base, base, True, base)
+        fs, base = pafs.FileSystem.from_uri(location)
+        return cls(fs, base.rstrip("/"), redact(location), isinstance(fs, pafs.LocalFileSystem), location)
+
+    def path(self, *parts: str) -> str:
+        """A path under the folder on :attr:`fs`."""
+        return "/".join([self.base, *parts])
+
+    def exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def where(self, *parts: str) -> Path | str:
+        """A path under the folder as the user can use it in a message: a Path when local, else a URI."""
+        return Path(self.base, *parts) if self.local else "/".join([self.uri, *parts])
+
+    def location(self, *parts: str) -> str:
+        """A folder under this one as a location :meth:`of` opens again: a local path, or the URI with its
+        credentials and options (a trial's ``train.storage_path`` under a search's)."""
+        if self.local:
+            return str(Path(self.base, *parts))
+        scheme, netloc, path, query, fragment = urlsplit(self.given)
+        return urlunsplit((scheme, netloc, "/".join([path.rstrip("/"), *parts]), query, fragment))
+
+    def read_text(self, path: str) -> str:
+        with self.fs.open_input_stream(path) as stream:
+            return stream.read().decode()
+
+    def write_text(self, path: str, text: str) -> None:
+        with self.fs.open_output_stream(path) as stream:
+            stream.write(text.encode())
+
+    def upload(self, local: Path, path: str) -> None:
+        """Copy the local file or folder ``local`` to ``path`` on :attr:`fs` (a folder: recursively)."""
+        pafs.copy_files(str(local), path, destination_filesystem=self.fs)
+
+    def download(self, path: str, local: Path) -> None:
+        """Copy the file or folder ``path`` on :attr:`fs` to ``local`` (a folder: recursively)."""
+        folder = self.fs.get_file_info(path).type == pafs.FileType.Directory
+        (local if folder else local.parent).mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(local), source_filesystem=self.fs)
+
+
+def local_model(location: str | os.PathLike) -> Path:
+    """A model folder (checkpoint, exported model or ensemble) as a local folder: a local path as it is; a
+    folder at a URI copied into :func:`cache_root` once per content — the cache key is the location and
+    its manifest's text, so a model replaced at the same URI is fetched anew. An ensemble brings the
+    members it lists under itself (relative paths; an absolute one cannot be resolved remotely).
+
+    Raises:
+        FileNotFoundError: nothing at the URI holds a model manifest.
+    """
+    if not is_uri(location):
+        return Path(location)
+    storage = Storage.of(location)
+    manifest = next((name for name in MODEL_MANIFESTS if storage.exists(storage.path(name))), None)
+    if manifest is None:
+        raise FileNotFoundError(f"{storage.uri}: no model there ({', '.join(MODEL_MANIFESTS)} missing)")
+    text = storage.read_text(storage.path(manifest))
+    key = hashlib.sha256(f"{storage.uri}\n{text}".encode()).hexdigest()[:20]
+    target = cache_root() / "models" / key
+    if target.is_dir():
+        return target
+    staging = target.parent / f".{key}.{uuid.uuid4().hex[:8]}"
+    try:
+        if manifest == "ensemble.json":
+            members = json.loads(text).get("members", [])
+            absolute = [m for m in members if Path(m).is_absolute()]
+            if absolute:
+                raise FileNotFoundError(f"{storage.uri}/ensemble.json lists members by absolute path {absolute}: "
+                                        "a remote ensemble lists its members relative to itself")
+            staging.mkdir(parents=True)
+            (staging / manifest).write_text(text)
+            for member in members:
+                storage.download(storage.path(member), staging / member)
+        else:
+            storage.download(storage.base, staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process on this node fetched the same model first: use its copy
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def mirror_folder(location: str | os.PathLike) -> Path:
+    """The local working copy of a folder at a URI (a search's driver files): under :func:`cache_root`,
+    keyed by the location without credentials, created empty if new."""
+    storage = Storage.of(location)
+    folder = cache_root() / "mirrors" / hashlib.sha256(storage.uri.encode()).hexdigest()[:20]
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
