@@ -188,7 +188,7 @@ def test_one_objective_uses_tpe_with_asha_and_several_use_no_scheduler(prepared,
     metrics) as one step past its epochs; a multi-objective search has no scheduler."""
     from ray.tune.schedulers import ASHAScheduler
 
-    from jointray.tune.search import UNBOUNDED_EPOCHS, _scheduler, _searcher
+    from jointray.tune.search import UNBOUNDED_EPOCHS, SearchPlace, _scheduler, _searcher
 
     cfg = _search(prepared, tmp_path, "train.epochs=7", "tune.scheduler=asha", "tune.grace_epochs=2")
     asha = _scheduler(cfg)
@@ -198,8 +198,8 @@ def test_one_objective_uses_tpe_with_asha_and_several_use_no_scheduler(prepared,
     # Under a time budget the epoch count does not end a trial, so ASHA must not either.
     budgeted = _scheduler(_search(prepared, tmp_path, "train.epochs=7", "tune.scheduler=asha", "train.max_minutes=5"))
     assert budgeted._max_t == UNBOUNDED_EPOCHS
-    assert _searcher(cfg, tmp_path, "one").metric == "val/score"
+    assert _searcher(cfg, SearchPlace.of(str(tmp_path)), "one").metric == "val/score"
     multi = _search(prepared, tmp_path, "tune.objectives={val/dice: max, val/mmse_mae: min}")
     assert _scheduler(multi) is None
-    searcher = _searcher(multi, tmp_path, "two")
+    searcher = _searcher(multi, SearchPlace.of(str(tmp_path)), "two")
     assert (searcher.metric, searcher.mode) == (["val/dice", "val/mmse_mae"], ["max", "min"])
