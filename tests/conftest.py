@@ -22,6 +22,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# Train's controller polls its workers every 2 s by default and waits a poll at each step of a run's start and
+# end; the suite's runs last seconds, so those waits were a large share of each run.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Models fetched from storage URIs go to a cache of the session's own, not the user's ~/.cache.
 os.environ.setdefault("JOINTRAY_CACHE", tempfile.mkdtemp(prefix="jointray-test-cache-"))
 # The served test app asks for this API key; set before Ray starts so that its workers inherit it.

@@ -96,13 +96,18 @@ def test_gpu_workers_cpu_heads_lifetimes_and_storage():
             resources = container["resources"]
             assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"], name
             assert container["image"] == head["template"]["spec"]["containers"][0]["image"], name
+        for pod in [head, *cluster["workerGroupSpecs"]]:  # every node reads and writes the S3 store
+            (container,) = pod["template"]["spec"]["containers"]
+            assert {"configMapRef": {"name": "jointray-settings"}} in container["envFrom"], name
+            assert {"secretRef": {"name": "jointray-s3", "optional": True}} in container["envFrom"], name
         claims = [v["persistentVolumeClaim"]["claimName"] for v in head["template"]["spec"]["volumes"]
                   if "persistentVolumeClaim" in v]
         assert claims == ["jointray-data"], name
         if doc["kind"] == "RayJob":
             assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
             assert spec["activeDeadlineSeconds"] > 0 and spec["submissionMode"] == "K8sJobMode"
-    assert _settings()["JOINTRAY_RUNS"].startswith("s3://")  # checkpoints on an S3-compatible store ...
+    # Runs, checkpoints and searches on an S3-compatible store ...
+    assert _settings()["JOINTRAY_RUNS"].startswith("s3://") and _settings()["JOINTRAY_SEARCHES"].startswith("s3://")
     assert _settings()["JOINTRAY_PREPARED"].startswith("/mnt/jointray/")  # ... shards on the shared volume
 
 
@@ -119,6 +124,7 @@ def test_the_rayservice_serve_config_passes_rays_own_schema_and_builds_our_app()
     (app,) = config["applications"]
     assert app["import_path"] == "jointray.serve.app:build_app"
     args = AppArgs.model_validate(app["args"])
+    assert args.checkpoint.startswith(_settings()["JOINTRAY_RUNS"] + "/")  # the training run's, served from S3
     load_config(None, args.overrides)  # the overrides name real serve/inference keys
     deployments = {d["name"]: d for d in app["deployments"]}
     assert set(deployments) == {"Ingress", "ModelServer"}

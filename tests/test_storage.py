@@ -1,5 +1,8 @@
-"""Remote run storage behaves like local: a file:// URI, and S3 on a local S3-compatible server (moto)."""
+"""Remote storage behaves like local: a file:// URI, and S3 on a local S3-compatible server (moto), for runs and for
+the models read from them."""
 
+import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -7,9 +10,10 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from jointray.artifacts import read_checkpoint
+from jointray.artifacts import CheckpointError, load_model, load_models, read_checkpoint
 from jointray.config import load_config
 from jointray.data.prepare import prepare_dataset
+from jointray.storage import Storage, redact
 from jointray.train.trainer import run_training
 
 BASE = ["data.format=synthetic", "data.synthetic.n_subjects=12", "preprocess.target_shape=[48,48,48]",
@@ -74,3 +78,43 @@ def test_s3_storage_starts_fresh_resumes_and_exports_best_there(prepared, s3_ser
     assert fresh.best_dir == "s3://runs-bucket/runs/s/best"  # no credentials or options in what is shown
     assert not (tmp_path / "runs").exists()
 
+
+
+def test_a_location_under_a_uri_keeps_its_credentials_and_options_and_messages_show_neither():
+    uri = "s3://key:secret@bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http&region=us-east-1"
+    storage = Storage.of(uri)
+    assert storage.location("search", "trials") == ("s3://key:secret@bucket/runs/search/trials?endpoint_override="
+                                                    "127.0.0.1:9000&scheme=http&region=us-east-1")
+    assert Storage.of(storage.location("search")).base == "bucket/runs/search"
+    assert storage.uri == redact(uri) == "s3://bucket/runs" and storage.where("x") == "s3://bucket/runs/x"
+    assert redact("runs/local") == "runs/local"
+
+
+def test_a_model_at_a_uri_is_fetched_once_per_content_and_an_ensemble_brings_only_its_members(one_epoch, tmp_path,
+                                                                                              monkeypatch):
+    """A file:// URI takes the remote path (an S3 one: tests/test_cluster.py): the ensemble answers as its folder
+    does; the cache holds its manifest and member checkpoints only; a model replaced at the same URI is fetched
+    anew; a URI with nothing there, or an ensemble listing absolute paths, is refused with the reason."""
+    monkeypatch.setenv("JOINTRAY_CACHE", str(tmp_path / "cache"))
+    ensemble, _ = one_epoch
+    store = tmp_path / "store" / "cv"
+    shutil.copytree(ensemble, store)
+    uri = f"file://{store}"
+    assert load_models(uri).version == load_models(ensemble).version
+    (cached,) = (tmp_path / "cache" / "models").iterdir()
+    files = sorted(str(p.relative_to(cached)) for p in cached.rglob("*") if p.is_file())
+    assert files[0] == "ensemble.json" and {f.split("/best/")[0] for f in files[1:]} == {"fold_0", "fold_1"}
+    assert load_models(uri).version == load_models(ensemble).version
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 1  # the second load used the copy
+    # fold 1's checkpoint put where fold 0's was: same URI, new content, a new copy.
+    before = load_model(f"{uri}/fold_0/best").version
+    shutil.rmtree(store / "fold_0" / "best")
+    shutil.copytree(store / "fold_1" / "best", store / "fold_0" / "best")
+    after = load_model(f"{uri}/fold_0/best").version
+    assert after == load_model(store / "fold_1" / "best").version != before
+    with pytest.raises(CheckpointError, match=r"no model there \(ensemble.json, artifact.json, meta.json missing\)"):
+        load_models(f"file://{tmp_path / 'store'}")
+    manifest = json.loads((store / "ensemble.json").read_text())
+    (store / "ensemble.json").write_text(json.dumps(manifest | {"members": [str(store / "fold_0" / "best")]}))
+    with pytest.raises(CheckpointError, match="lists its members relative to itself"):
+        load_models(uri)
