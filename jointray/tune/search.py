@@ -20,8 +20,8 @@ Layout of ``<tune.storage_path>/<tune.name>/`` (a local folder or a storage URI:
 A search at a URI (``tune.storage_path=s3://bucket/searches``) keeps Tune's experiment and the trials' runs
 there, written by whichever node runs them; the driver works on a local mirror of the files it writes
 (search.yaml, search.json, optuna.db, the results) and uploads them when the search starts, after each
-finished trial and at the end — a driver lost mid-search loses at most the study's last trial, which
-``--resume <URI>`` tells Optuna again from Tune's own state.
+finished trial and at the end. ``--resume <URI>`` downloads them again and restores Tune's experiment
+from the store (the tests kill and resume a local search; a remote one is run, not resumed).
 
 Resources: each trial holds ``tune.driver_cpus`` for its driver (it only waits on Ray Train); its
 trainer's workers and data take the trial's share of the CPUs (``tune.trial_cpus``, by default the

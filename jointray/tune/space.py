@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 from ray import tune
@@ -57,8 +56,9 @@ def encode_point(space: dict[str, SearchDimension], point: dict[str, Any]) -> di
 
 def trial_config(cfg: Config, params: dict[str, Any], trials_dir: str, trial_id: str) -> Config:
     """The config of one trial: ``cfg`` with the trial's parameters applied, in its own run folder
-    ``<trials_dir>/<trial_id>`` (``trials_dir`` a path or a storage URI; its checkpoints, TensorBoard, MLflow run and fault marker), resumable:
-    a trial restarted after the search's driver died continues its own training.
+    ``<trials_dir>/<trial_id>`` (``trials_dir`` a path or a storage URI; its checkpoints, TensorBoard, MLflow
+    run and fault marker), resumable: a trial restarted after the search's driver died continues its own
+    training.
 
     Raises:
         ConfigError: a combination of parameters the config refuses (e.g. sampled phase bounds out of
