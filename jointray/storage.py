@@ -119,22 +119,23 @@ def local_model(location: str | os.PathLike) -> Path:
     if not is_uri(location):
         return Path(location)
     storage = Storage.of(location)
-    manifest = next((name for name in MODEL_MANIFESTS if storage.exists(storage.path(name))), None)
-    if manifest is None:
-        raise FileNotFoundError(f"{storage.uri}: no model there ({', '.join(MODEL_MANIFESTS)} missing)")
-    text = storage.read_text(storage.path(manifest))
-    key = hashlib.sha256(f"{storage.uri}\n{text}".encode()).hexdigest()[:20]
+    manifest, text = _manifest(storage, storage.base)
+    members: list[str] = []
+    if manifest == "ensemble.json":
+        members = json.loads(text).get("members", [])
+        absolute = [m for m in members if Path(m).is_absolute()]
+        if absolute:
+            raise FileNotFoundError(f"{storage.uri}/ensemble.json lists members by absolute path {absolute}: "
+                                    "a remote ensemble lists its members relative to itself")
+    # A member retrained in place changes its own manifest, not the ensemble's: both are in the key.
+    identity = [storage.uri, text, *(_manifest(storage, storage.path(m))[1] for m in members)]
+    key = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:20]
     target = cache_root() / "models" / key
     if target.is_dir():
         return target
     staging = target.parent / f".{key}.{uuid.uuid4().hex[:8]}"
     try:
         if manifest == "ensemble.json":
-            members = json.loads(text).get("members", [])
-            absolute = [m for m in members if Path(m).is_absolute()]
-            if absolute:
-                raise FileNotFoundError(f"{storage.uri}/ensemble.json lists members by absolute path {absolute}: "
-                                        "a remote ensemble lists its members relative to itself")
             staging.mkdir(parents=True)
             (staging / manifest).write_text(text)
             for member in members:
@@ -149,6 +150,15 @@ def local_model(location: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _manifest(storage: Storage, path: str) -> tuple[str, str]:
+    """(name, text) of the model manifest in the folder ``path`` on ``storage``."""
+    for name in MODEL_MANIFESTS:
+        if storage.exists(f"{path}/{name}"):
+            return name, storage.read_text(f"{path}/{name}")
+    raise FileNotFoundError(f"{storage.uri}{path.removeprefix(storage.base)}: no model there "
+                            f"({', '.join(MODEL_MANIFESTS)} missing)")
 
 
 def mirror_folder(location: str | os.PathLike) -> Path:

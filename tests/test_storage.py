@@ -93,8 +93,9 @@ def test_a_location_under_a_uri_keeps_its_credentials_and_options_and_messages_s
 def test_a_model_at_a_uri_is_fetched_once_per_content_and_an_ensemble_brings_only_its_members(one_epoch, tmp_path,
                                                                                               monkeypatch):
     """A file:// URI takes the remote path (an S3 one: tests/test_cluster.py): the ensemble answers as its folder
-    does; the cache holds its manifest and member checkpoints only; a model replaced at the same URI is fetched
-    anew; a URI with nothing there, or an ensemble listing absolute paths, is refused with the reason."""
+    does; the cache holds its manifest and member checkpoints only; a model or an ensemble's member replaced at
+    the same URI is fetched anew; a URI with nothing there, or an ensemble listing absolute paths, is refused
+    with the reason."""
     monkeypatch.setenv("JOINTRAY_CACHE", str(tmp_path / "cache"))
     ensemble, _ = one_epoch
     store = tmp_path / "store" / "cv"
@@ -112,6 +113,8 @@ def test_a_model_at_a_uri_is_fetched_once_per_content_and_an_ensemble_brings_onl
     shutil.copytree(store / "fold_1" / "best", store / "fold_0" / "best")
     after = load_model(f"{uri}/fold_0/best").version
     assert after == load_model(store / "fold_1" / "best").version != before
+    # The ensemble's own manifest did not change, its member did: fetched anew all the same.
+    assert load_models(uri).version == load_models(store).version != load_models(ensemble).version
     with pytest.raises(CheckpointError, match=r"no model there \(ensemble.json, artifact.json, meta.json missing\)"):
         load_models(f"file://{tmp_path / 'store'}")
     manifest = json.loads((store / "ensemble.json").read_text())
