@@ -121,3 +121,17 @@ def test_a_model_at_a_uri_is_fetched_once_per_content_and_an_ensemble_brings_onl
     (store / "ensemble.json").write_text(json.dumps(manifest | {"members": [str(store / "fold_0" / "best")]}))
     with pytest.raises(CheckpointError, match="lists its members relative to itself"):
         load_models(uri)
+
+
+def test_a_refusal_about_a_remote_storage_path_names_it_without_its_credentials(prepared):
+    from jointray.config import ConfigError
+    from jointray.train.folds import run_cross_validation
+    from jointray.train.trainer import _mlflow_uri
+
+    uri = "s3://key:secret@bucket/runs?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    cfg = load_config(None, [*prepared, f"train.storage_path={uri}", "train.mlflow=true"])
+    with pytest.raises(ConfigError, match=r"train.storage_path=s3://bucket/runs is remote") as folds:
+        run_cross_validation(cfg, announce=lambda _: None)
+    with pytest.raises(ConfigError, match=r"storage_path=s3://bucket/runs: set train.mlflow_tracking_uri") as mlflow:
+        _mlflow_uri(cfg, Path("bucket/runs/x"), local=False)
+    assert "secret" not in str(folds.value) + str(mlflow.value)

@@ -105,7 +105,7 @@ def run_cross_validation(cfg: Config, announce: Callable[[str], None] = print) -
     storage = Storage.of(cfg.train.storage_path)
     if not storage.local:
         raise ConfigError(f"cross-validation writes and reads its ensemble locally: train.storage_path="
-                          f"{cfg.train.storage_path} is remote; train the folds one by one with train.fold")
+                          f"{storage.uri} is remote; train the folds one by one with train.fold")
     ensemble_dir = Path(storage.where(cfg.train.name))
     if ensemble_dir.exists() and not cfg.train.resume:
         announce(f"replacing the previous run at {ensemble_dir} (set train.resume=true to continue its folds)")

@@ -36,7 +36,7 @@ from jointray.data.provenance import check_shards_match
 from jointray.data.shards import CLINICAL_PREFIX, SHARDS_DIR, SPEC_FILE, read_spec
 from jointray.data.streaming import DATA_TASK_CPUS, split_subjects, train_val_datasets
 from jointray.models import build_model
-from jointray.storage import Storage
+from jointray.storage import Storage, redact
 from jointray.train.loop import threads_for, train_loop_per_worker
 from jointray.train.refit import refit_heads
 from jointray.train.tracking import HISTORY_FILE
@@ -177,7 +177,7 @@ def _mlflow_uri(cfg: Config, run_dir: Path, local: bool) -> str | None:
     if cfg.train.mlflow_tracking_uri:
         return cfg.train.mlflow_tracking_uri
     if not local:
-        raise ConfigError(f"train.mlflow=true with train.storage_path={cfg.train.storage_path}: set "
+        raise ConfigError(f"train.mlflow=true with train.storage_path={redact(cfg.train.storage_path)}: set "
                           f"train.mlflow_tracking_uri (a tracking server or a database) for a remote run")
     run_dir.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
     return f"sqlite:///{run_dir / 'mlflow.db'}"
