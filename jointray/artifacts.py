@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from jointray.atomic_dir import recover, staged_dir
 from jointray.config import Config
 from jointray.data.clinical import ClinicalSchema
 from jointray.data.spec import PreprocessSpec
-from jointray.storage import local_model
+from jointray.storage import Storage, cache_root, is_uri
 
 STATE_FILE = "checkpoint.pt"
 META_FILE = "meta.json"
@@ -241,18 +242,72 @@ def _load_exported(folder: Path, map_location) -> ModelArtifact:
         export=json.loads((folder / EXPORT_FILE).read_text()) if (folder / EXPORT_FILE).is_file() else {})
 
 
-def _local(location: str | Path) -> Path:
-    """A model location as a local folder (a URI's folder fetched into the node's cache)."""
+def local_model(location: str | Path) -> Path:
+    """A model folder (checkpoint, exported model or ensemble) as a local folder: a local path as it is; a
+    folder at a URI copied into the node's cache (:func:`jointray.storage.cache_root`) once per content —
+    the key is the location and its manifest's text, an ensemble's members' manifests included, so a model
+    (or a member) replaced at the same URI is fetched anew. An ensemble brings the members it lists under
+    itself (relative paths; an absolute one cannot be resolved remotely). A copy lands by rename, so
+    processes on one node fetching the same model at once do not see half of it.
+
+    Raises:
+        CheckpointError: nothing at the URI holds a model, or the store cannot be reached.
+    """
+    if not is_uri(location):
+        return Path(location)
     try:
-        return local_model(location)
-    except OSError as exc:  # nothing there, or the store cannot be reached: as for a bad local folder
+        return _fetch_model(Storage.of(location))
+    except OSError as exc:  # as for a bad local folder
         raise CheckpointError(str(exc)) from exc
+
+
+def _fetch_model(storage: Storage) -> Path:
+    manifest, text = _manifest(storage, storage.base)
+    members: list[str] = []
+    if manifest == ENSEMBLE_FILE:
+        members = json.loads(text).get("members", [])
+        absolute = [m for m in members if Path(m).is_absolute()]
+        if absolute:
+            raise CheckpointError(f"{storage.uri}/{ENSEMBLE_FILE} lists members by absolute path {absolute}: "
+                                  "a remote ensemble lists its members relative to itself")
+    # A member retrained in place changes its own manifest, not the ensemble's: both are in the key.
+    identity = [storage.uri, text, *(_manifest(storage, storage.path(m))[1] for m in members)]
+    key = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:20]
+    target = cache_root() / "models" / key
+    if target.is_dir():
+        return target
+    staging = target.parent / f".{key}.{uuid.uuid4().hex[:8]}"
+    try:
+        if manifest == ENSEMBLE_FILE:
+            staging.mkdir(parents=True)
+            (staging / manifest).write_text(text)
+            for member in members:
+                storage.download(storage.path(member), staging / member)
+        else:
+            storage.download(storage.base, staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process on this node fetched the same model first: use its copy
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _manifest(storage: Storage, path: str) -> tuple[str, str]:
+    """(name, text) of the file that says what the model folder ``path`` on ``storage`` is."""
+    for name in (ENSEMBLE_FILE, ARTIFACT_FILE, META_FILE):
+        if storage.exists(f"{path}/{name}"):
+            return name, storage.read_text(f"{path}/{name}")
+    raise CheckpointError(f"{storage.uri}{path.removeprefix(storage.base)}: no model there "
+                          f"({ENSEMBLE_FILE}, {ARTIFACT_FILE}, {META_FILE} missing)")
 
 
 def read_config(folder: str | Path) -> Config:
     """The config a checkpoint or exported artifact was trained with (an ensemble's first member's), without
-    reading its weights. ``folder`` may be a URI (:func:`jointray.storage.local_model`)."""
-    folder = _local(folder)
+    reading its weights. ``folder`` may be a URI (:func:`local_model`)."""
+    folder = local_model(folder)
     if (folder / ENSEMBLE_FILE).is_file():
         return read_config(_ensemble_manifest(folder)[0][0])
     if (folder / ARTIFACT_FILE).is_file() and (folder / "config.yaml").is_file():
@@ -265,8 +320,8 @@ def read_config(folder: str | Path) -> Config:
 
 def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> ModelArtifact:
     """Read a training checkpoint or an exported artifact (verified either way) for inference; ``folder`` may
-    be a URI (:func:`jointray.storage.local_model`)."""
-    folder = _local(folder)
+    be a URI (:func:`local_model`)."""
+    folder = local_model(folder)
     recover(folder)  # a crash mid-switch of an export leaves the previous version aside: put it back
     if (folder / ARTIFACT_FILE).is_file():
         return _load_exported(folder, map_location)
@@ -339,8 +394,8 @@ def load_models(source: str | Path | list[str | Path], map_location: str | torch
     """A checkpoint, an exported model, an ensemble folder, or a list of any of these (their members pooled,
     post-processing only from a single ensemble folder), verified to take the same input the same way:
     one PreprocessSpec, clinical features (each member keeps its own normalisation), label names, outcome
-    heads with targets, and cross-task strength. Any of them may be a URI (:func:`jointray.storage.local_model`)."""
-    sources = [_local(p) for p in source] if isinstance(source, (list, tuple)) else [_local(source)]
+    heads with targets, and cross-task strength. Any of them may be a URI (:func:`local_model`)."""
+    sources = [local_model(p) for p in source] if isinstance(source, (list, tuple)) else [local_model(source)]
     if not sources:
         raise CheckpointError("no model given")
     folders: list[Path] = []

@@ -5,28 +5,22 @@ One code path for both, through pyarrow's filesystems (what Ray Train and Tune u
 host:9000&scheme=http`` reaches an S3-compatible server — and :meth:`Storage.location` hands them on to
 the folders below it; messages show it without credentials and options (:attr:`Storage.uri`).
 
-Models are read locally: :func:`local_model` copies a model folder at a URI into a per-node cache, once
-per content (keyed by its manifest), so every Serve replica or evaluation actor on a node of a cluster
-loads the same files without a shared filesystem.
+Models are read locally: :func:`jointray.artifacts.local_model` copies a model folder at a URI into a
+per-node cache under :func:`cache_root`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
-#: Where :func:`local_model` keeps copies of remote models (``JOINTRAY_CACHE`` moves it).
+#: Where local copies of remote folders go (models, a search's driver files); ``JOINTRAY_CACHE`` moves it.
 CACHE_ENV = "JOINTRAY_CACHE"
-#: The file that says what a model folder is, in the order they are looked for (see jointray.artifacts).
-MODEL_MANIFESTS = ("ensemble.json", "artifact.json", "meta.json")
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -105,60 +99,6 @@ class Storage:
         folder = self.fs.get_file_info(path).type == pafs.FileType.Directory
         (local if folder else local.parent).mkdir(parents=True, exist_ok=True)
         pafs.copy_files(path, str(local), source_filesystem=self.fs)
-
-
-def local_model(location: str | os.PathLike) -> Path:
-    """A model folder (checkpoint, exported model or ensemble) as a local folder: a local path as it is; a
-    folder at a URI copied into :func:`cache_root` once per content — the cache key is the location and
-    its manifest's text, so a model replaced at the same URI is fetched anew. An ensemble brings the
-    members it lists under itself (relative paths; an absolute one cannot be resolved remotely).
-
-    Raises:
-        FileNotFoundError: nothing at the URI holds a model manifest.
-    """
-    if not is_uri(location):
-        return Path(location)
-    storage = Storage.of(location)
-    manifest, text = _manifest(storage, storage.base)
-    members: list[str] = []
-    if manifest == "ensemble.json":
-        members = json.loads(text).get("members", [])
-        absolute = [m for m in members if Path(m).is_absolute()]
-        if absolute:
-            raise FileNotFoundError(f"{storage.uri}/ensemble.json lists members by absolute path {absolute}: "
-                                    "a remote ensemble lists its members relative to itself")
-    # A member retrained in place changes its own manifest, not the ensemble's: both are in the key.
-    identity = [storage.uri, text, *(_manifest(storage, storage.path(m))[1] for m in members)]
-    key = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:20]
-    target = cache_root() / "models" / key
-    if target.is_dir():
-        return target
-    staging = target.parent / f".{key}.{uuid.uuid4().hex[:8]}"
-    try:
-        if manifest == "ensemble.json":
-            staging.mkdir(parents=True)
-            (staging / manifest).write_text(text)
-            for member in members:
-                storage.download(storage.path(member), staging / member)
-        else:
-            storage.download(storage.base, staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process on this node fetched the same model first: use its copy
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _manifest(storage: Storage, path: str) -> tuple[str, str]:
-    """(name, text) of the model manifest in the folder ``path`` on ``storage``."""
-    for name in MODEL_MANIFESTS:
-        if storage.exists(f"{path}/{name}"):
-            return name, storage.read_text(f"{path}/{name}")
-    raise FileNotFoundError(f"{storage.uri}{path.removeprefix(storage.base)}: no model there "
-                            f"({', '.join(MODEL_MANIFESTS)} missing)")
 
 
 def mirror_folder(location: str | os.PathLike) -> Path:

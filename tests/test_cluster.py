@@ -19,11 +19,10 @@ import pytest
 import requests
 from conftest import REPO, free_port
 
-from jointray.artifacts import load_model, read_checkpoint
+from jointray.artifacts import load_model, local_model, read_checkpoint
 from jointray.config import load_config
 from jointray.data.prepare import prepare_dataset
 from jointray.serve.app import wait_until_healthy
-from jointray.storage import local_model
 
 BASE = ["data.format=synthetic", "data.synthetic.n_subjects=16", "preprocess.target_shape=[48,48,48]",
         "train.batch_size=4", "train.n_folds=4", "train.augment.enabled=false", "train.patience=null",

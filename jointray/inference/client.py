@@ -88,7 +88,8 @@ def predict_remote(url: str, files: list[Path], clinical: dict[str, Any], out: P
 
 
 def predict_local(checkpoint: str | Path | list[str | Path], files: list[Path], clinical: dict[str, Any],
-                  out: Path | None, mc_samples: int | None, mc_mode: str | None, report: bool = False) -> list[tuple[str, dict]]:
+                  out: Path | None, mc_samples: int | None, mc_mode: str | None,
+                  report: bool = False) -> list[tuple[str, dict]]:
     """The same as :func:`predict_remote`, with the model loaded here."""
     predictor = Predictor(checkpoint)
     samples, mode = predictor.check_mc(mc_samples, mc_mode)

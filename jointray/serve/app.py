@@ -54,7 +54,7 @@ def build_app(args: AppArgs | dict) -> Application:
     ``args`` as a dict: Serve cannot see the AppArgs annotation through postponed evaluation."""
     args = AppArgs.model_validate(args) if isinstance(args, dict) else args
     # A local folder as an absolute path (replicas do not share the driver's working folder); a URI as it is,
-    # fetched by each replica's node (jointray.storage.local_model).
+    # fetched by each replica's node (jointray.artifacts.local_model).
     checkpoint = args.checkpoint if is_uri(args.checkpoint) else str(Path(args.checkpoint).resolve())
     cfg = serving_config(checkpoint, args.overrides)
     s = cfg.serve

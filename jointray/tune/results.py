@@ -69,7 +69,7 @@ class ResultsSummary:
     best_dir: Path | None
     best_config: Path | None
     plot: Path | None
-    where: Path | str | None = None
+    where: Path | str
 
 
 def dominates(a: np.ndarray, b: np.ndarray, signs: np.ndarray) -> bool:
@@ -186,12 +186,14 @@ def _best_config(cfg: Config, trial_cfg_tree: dict[str, Any], folder: Path) -> P
     return path
 
 
-def summarize(cfg: Config, folder: Path, trials_dir: Storage, trials, study_name: str | None) -> ResultsSummary:
+def summarize(cfg: Config, folder: Path, where: Path | str, trials_dir: Storage, trials,
+              study_name: str | None) -> ResultsSummary:
     """Write the table, the plot, the best config and the best checkpoint of a finished search.
 
     Args:
         cfg: the search's config.
         folder: the search folder on this machine (a remote search's mirror).
+        where: the search folder as the user names it (``folder``, or its storage URI).
         trials_dir: the search's trials folder, where each trial's run lies.
         trials: Tune's trials (``ray.tune.ExperimentAnalysis(<search>/tune).trials``).
         study_name: the Optuna study's name; None for a grid search.
@@ -228,4 +230,4 @@ def summarize(cfg: Config, folder: Path, trials_dir: Storage, trials, study_name
         (folder / BEST_TRIAL).write_text(json.dumps({"trial_id": best_trial, "objectives": {
             k: float(row[k]) for k in objectives}}, indent=2) + "\n")
     return ResultsSummary(folder=folder, table=table, objectives=objectives, best_trial=best_trial,
-                          best_dir=best_dir, best_config=best_config, plot=plot)
+                          best_dir=best_dir, best_config=best_config, plot=plot, where=where)

@@ -31,7 +31,6 @@ it holds CPUs, so concurrent trials do not oversubscribe the machine.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
@@ -316,10 +315,10 @@ def run_search(cfg: Config, resume: bool = False) -> ResultsSummary:
               f"{concurrency.trials} at a time with {concurrency.cpus_per_trial:.2f} CPUs each: {where}", flush=True)
     tuner.fit()
     trials = ray.tune.ExperimentAnalysis(experiment, storage_filesystem=place.filesystem).trials
-    summary = summarize(cfg, place.local, Storage.of(storage.location(TRIALS_DIR)), trials,
+    summary = summarize(cfg, place.local, where, Storage.of(storage.location(TRIALS_DIR)), trials,
                         state["study_name"] if cfg.tune.searcher == "optuna" else None)
     place.push(*RESULT_FILES)
-    return dataclasses.replace(summary, where=where)
+    return summary
 
 
 def remove_search(location: str) -> None:
