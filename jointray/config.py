@@ -135,7 +135,7 @@ class AugmentConfig(_Section):
         "teaches the model that a structure can sit anywhere in it, which sliding-window inference over "
         "inputs larger than the window relies on"
     )
-    shift_voxels: float = Field(0.0, ge=0, description="largest shift per axis, in voxels")
+    shift_voxels: int = Field(0, ge=0, description="largest shift per axis, in whole voxels")
     noise_prob: float = Field(0.3, ge=0, le=1, description="probability of additive Gaussian noise")
     noise_std: float = Field(0.05, ge=0, description="largest noise SD (each case draws one from [0, noise_std])")
     blur_prob: float = Field(0.0, ge=0, le=1, description="probability of a Gaussian blur")
@@ -196,6 +196,9 @@ class ModelConfig(_Section):
     full_res_unit: bool = Field(
         False, description="a residual unit at full resolution before a 1x1x1 classifier (else one 3x3x3 classifier)"
     )
+    activation: Literal["prelu", "leakyrelu"] = Field(
+        "prelu", description="of the encoder's and decoder's convolution blocks: prelu (MONAI's default) or "
+        "leakyrelu (slope 0.01, nnU-Net's)")
     dropout: float = Field(0.1, ge=0, lt=1, description="spatial (channel) dropout in the encoder: MC samples")
     head_dropout: float = Field(0.2, ge=0, lt=1, description="dropout in the outcome heads: MC samples")
     clinical_dim: int = Field(32, ge=4, description="width of the clinical embedding and tokens")

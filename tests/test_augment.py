@@ -1,6 +1,7 @@
 """Training augmentation: nnU-Net's transforms on real MSD cases, each doing what it says, and the
 augmentation that runs one batch ahead giving exactly what the inline one gives."""
 
+import itertools
 import json
 import threading
 
@@ -43,7 +44,7 @@ def _only(*overrides: str) -> Augmenter:
 
 def test_the_nnunet_config_switches_on_nnunets_transforms_and_a_zero_probability_draws_nothing():
     names = [type(t).__name__ for t in Augmenter(load_config(MSD).train.augment).transform.transforms]
-    assert names == ["RandFlipd", "RandAffined", "RandAffined", "RandGaussianNoised", "RandGaussianSmoothd",
+    assert names == ["RandFlipd", "RandAffined", "RandIntegerShiftd", "RandGaussianNoised", "RandGaussianSmoothd",
                      "RandScaleIntensityd", "RandScaleIntensityFixedMeand", "RandSimulateLowResolutiond",
                      "RandAdjustContrastd", "RandAdjustContrastd"]
     assert _only().transform.transforms == ()
@@ -106,6 +107,30 @@ def test_spatial_transforms_move_image_and_label_together(batch):
             inside_after = out["image"][k, 0][out["label"][k] > 0].mean()
             outside_after = out["image"][k, 0][out["label"][k] == 0].mean()
             assert abs(inside_after - inside_before) < 0.25 * abs(inside_before - outside_after), overrides
+
+
+def _moved(array: np.ndarray, offset: tuple[int, ...]) -> np.ndarray:
+    """``array`` (…, X, Y, Z) moved by whole voxels along its last three axes, zeros where nothing moved in."""
+    out = np.zeros_like(array)
+    src = tuple(slice(max(0, -o), n - max(0, o)) for o, n in zip(offset, array.shape[-3:]))
+    dst = tuple(slice(max(0, o), n - max(0, -o)) for o, n in zip(offset, array.shape[-3:]))
+    out[(..., *dst)] = array[(..., *src)]
+    return out
+
+
+def test_the_shift_moves_image_and_label_by_the_same_whole_voxels(batch):
+    """Every case comes out exactly moved (no interpolation), image and label by the same offset, each axis's
+    offset within train.augment.shift_voxels, and the cases do not all move alike."""
+    out = _only("train.augment.shift_prob=1", "train.augment.shift_voxels=3")(batch, 0)
+    offsets = set()
+    for k in range(len(batch["image"])):
+        found = [o for o in itertools.product(range(-3, 4), repeat=3)
+                 if np.array_equal(_moved(batch["label"][k], o), out["label"][k])
+                 and np.array_equal(_moved(batch["image"][k], o), out["image"][k])]
+        assert len(found) == 1, (k, found)
+        offsets.add(found[0])
+    assert len(offsets) > 1 and (0, 0, 0) not in offsets
+    assert out["label"].dtype == batch["label"].dtype and out["image"].dtype == np.float32
 
 
 def test_augmenting_one_batch_ahead_gives_what_augmenting_in_line_gives(batch):

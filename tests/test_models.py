@@ -223,8 +223,9 @@ def test_v2_overfits_eight_synthetic_subjects(tmp_path):
 FULL_RES_UNIT = {"full_res_channels": 8, "full_res_unit": True}
 
 
-@pytest.mark.parametrize("variant,stage", [("v2", {}), ("dv", {}), ("v2", FULL_RES_UNIT)],
-                         ids=["v2", "dv", "v2-full-res-unit"])
+@pytest.mark.parametrize("variant,stage", [("v2", {}), ("dv", {}), ("v2", FULL_RES_UNIT),
+                                           ("seg_only", {"activation": "leakyrelu"})],
+                         ids=["v2", "dv", "v2-full-res-unit", "seg_only-leakyrelu"])
 def test_channels_last_layout_computes_the_same_outputs_and_gradients(variant, stage):
     """The layout is a speed choice only: the outputs and gradients of PyTorch's default layout, to fp32 rounding.
 
@@ -313,6 +314,26 @@ def test_component_switches_take_one_part_out_of_a_variant_at_a_time():
         load_config(None, ["model.variant=seg_only", "model.cross_task=true"])
     with pytest.raises(ConfigError, match="model.attention_gates=true needs a decoder"):
         load_config(None, ["model.variant=outcome_only", "model.attention_gates=true"])
+
+
+def test_activation_is_set_in_every_convolution_block_of_encoder_and_decoder():
+    """``model.activation``: leaky ReLU (slope 0.01) replaces every PReLU of the encoder and decoder and nothing
+    else (the attention gates keep their ReLU); the default, and so every checkpoint saved before the key, is
+    PReLU. The two nets differ by exactly the PReLU slopes, one per block."""
+    def built(*overrides):
+        return build_model(load_config(None, ["model.channels=[8,16,32]", *overrides]).model)
+
+    prelu, leaky = built(), built("model.activation=leakyrelu")
+    assert ModelConfig().activation == "prelu"
+    slopes = [m for m in prelu.modules() if isinstance(m, torch.nn.PReLU)]
+    leaks = [m for m in leaky.modules() if isinstance(m, torch.nn.LeakyReLU)]
+    assert len(slopes) == len(leaks) > 0
+    assert not any(isinstance(m, torch.nn.PReLU) for m in leaky.modules())
+    assert {m.negative_slope for m in leaks} == {0.01}
+    assert sum(isinstance(m, torch.nn.ReLU) for m in prelu.modules()) == \
+        sum(isinstance(m, torch.nn.ReLU) for m in leaky.modules()) > 0
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert count(prelu) - count(leaky) == sum(p.numel() for m in slopes for p in m.parameters()) == len(slopes)
 
 
 def test_running_standardize_follows_its_recurrence_and_never_mixes_a_batch():

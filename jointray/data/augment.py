@@ -15,18 +15,22 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
+    MapTransform,
     Rand3DElasticd,
     RandAdjustContrastd,
     RandAffined,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
+    RandomizableTransform,
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
     RandSimulateLowResolutiond,
+    crop_or_pad_nd,
 )
 
 from jointray.config import AugmentConfig
@@ -39,6 +43,42 @@ def stream_seed(seed: int, stream: int, *keys: int) -> int:
     """A 32-bit seed that depends on every number given (NumPy's SeedSequence mixes them), e.g.
     ``stream_seed(seed, AUGMENT, epoch, rank, batch)``."""
     return int(np.random.SeedSequence([seed, stream, *keys]).generate_state(1)[0])
+
+
+class RandIntegerShiftd(RandomizableTransform, MapTransform):
+    """Move every key's array by the same whole number of voxels, up to ``max_voxels`` along each spatial
+    axis (drawn uniformly per axis), filling the uncovered border with zeros.
+
+    What ``RandAffined(translate_range=...)`` does, without the resampling: a whole-voxel shift is exact for
+    image and label alike (no interpolation to blur the image or to round the label), and it costs a copy
+    instead of a pass of ``grid_sample`` over the volume. nnU-Net gets the same from choosing where its
+    training patch sits in the padded case. MONAI's ``crop_or_pad_nd`` (what lazy resampling does with an
+    integer translation) moves the arrays.
+
+    Shapes: every key (C, X, Y, Z) → the same shape.
+    """
+
+    def __init__(self, keys: KeysCollection, max_voxels: int, prob: float):
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.max_voxels = max_voxels
+        self.offset = np.zeros(3, int)
+
+    def randomize(self, data: None = None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self.offset = self.R.randint(-self.max_voxels, self.max_voxels + 1, size=3)
+
+    def __call__(self, data: dict) -> dict:
+        out = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return out
+        matrix = np.eye(4)
+        matrix[:3, 3] = -self.offset  # crop_or_pad_nd reads output voxel x from input voxel x + translation
+        for key in self.key_iterator(out):
+            out[key] = crop_or_pad_nd(out[key], matrix, out[key].shape[1:], mode="constant")
+        return out
 
 
 class Augmenter:
@@ -62,7 +102,7 @@ class Augmenter:
                                                     scale_range=((low - 1, high - 1),) * 3, **resample)),
             (cfg.elastic_prob, lambda p: Rand3DElasticd(keys, sigma_range=cfg.elastic_sigma, prob=p,
                                                         magnitude_range=cfg.elastic_magnitude, **resample)),
-            (cfg.shift_prob, lambda p: RandAffined(keys, prob=p, translate_range=(cfg.shift_voxels,) * 3, **resample)),
+            (cfg.shift_prob, lambda p: RandIntegerShiftd(keys, max_voxels=cfg.shift_voxels, prob=p)),
             (cfg.noise_prob, lambda p: RandGaussianNoised(image, std=cfg.noise_std, prob=p)),
             (cfg.blur_prob, lambda p: RandGaussianSmoothd(image, sigma_x=cfg.blur_sigma, sigma_y=cfg.blur_sigma,
                                                           sigma_z=cfg.blur_sigma, prob=p)),

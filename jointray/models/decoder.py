@@ -8,9 +8,9 @@ from monai.networks.nets.attentionunet import AttentionBlock
 from torch import nn
 
 
-def _up(in_channels: int, out_channels: int) -> Convolution:
+def _up(in_channels: int, out_channels: int, act: str | tuple) -> Convolution:
     return Convolution(3, in_channels, out_channels, strides=2, kernel_size=2, is_transposed=True,
-                       norm="INSTANCE", padding=0, output_padding=0)
+                       norm="INSTANCE", act=act, padding=0, output_padding=0)
 
 
 class DecoderLevel(nn.Module):
@@ -22,13 +22,13 @@ class DecoderLevel(nn.Module):
     x (B, C_in, X/2, ...), skip (B, C_out, X, ...) → (B, C_out, X, ...)
     """
 
-    def __init__(self, in_channels: int, out_channels: int, attention_gate: bool):
+    def __init__(self, in_channels: int, out_channels: int, attention_gate: bool, act: str | tuple = "PRELU"):
         super().__init__()
         self.out_channels = out_channels
-        self.up = _up(in_channels, out_channels)
+        self.up = _up(in_channels, out_channels, act)
         self.gate = AttentionBlock(3, f_int=max(out_channels // 2, 4), f_g=out_channels, f_l=out_channels) \
             if attention_gate else None
-        self.merge = ResidualUnit(3, 2 * out_channels, out_channels, subunits=1, norm="INSTANCE")
+        self.merge = ResidualUnit(3, 2 * out_channels, out_channels, subunits=1, norm="INSTANCE", act=act)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x)
@@ -47,6 +47,8 @@ class SegmentationDecoder(nn.Module):
     capacity where thin structures (the hippocampal tail is 2–3 voxels across) are decided, at a cost
     (every full-resolution voxel counts; few-channel 3D convolutions are the least efficient kind on CPUs).
 
+    ``act``: the activation of every upsampling and residual block, a MONAI spec (``model.activation``).
+
     ``gates`` (optional) are per-level channel multipliers (B, C_level) from the outcome branch
     (outcome → segmentation interaction); 1 everywhere means no effect.
 
@@ -55,15 +57,15 @@ class SegmentationDecoder(nn.Module):
     """
 
     def __init__(self, channels: tuple[int, ...], in_channels: int, num_classes: int, attention_gates: bool,
-                 full_res_channels: int = 4, full_res_unit: bool = False):
+                 full_res_channels: int = 4, full_res_unit: bool = False, act: str | tuple = "PRELU"):
         super().__init__()
         self.levels = nn.ModuleList(
-            DecoderLevel(channels[i + 1], channels[i], attention_gates) for i in reversed(range(len(channels) - 1))
+            DecoderLevel(channels[i + 1], channels[i], attention_gates, act) for i in reversed(range(len(channels) - 1))
         )
-        self.to_full = _up(channels[0], full_res_channels)
+        self.to_full = _up(channels[0], full_res_channels, act)
         merged = full_res_channels + in_channels
         if full_res_unit:
-            self.refine = ResidualUnit(3, merged, full_res_channels, subunits=1, norm="INSTANCE")
+            self.refine = ResidualUnit(3, merged, full_res_channels, subunits=1, norm="INSTANCE", act=act)
             classifier = nn.Conv3d(full_res_channels, num_classes, kernel_size=1)
         else:
             self.refine = nn.Identity()

@@ -14,12 +14,16 @@ class EncoderLevel(nn.Module):
     strongly correlated, so only channel dropout gives meaningfully different Monte Carlo samples
     (Tompson et al. 2015, "Efficient object localization using convolutional networks").
 
+    ``act``: the residual unit's activation, a MONAI spec (``model.activation``, see
+    :data:`jointray.models.joint.ACTIVATIONS`).
+
     (B, C_in, X, Y, Z) → (B, C_out, X/s, Y/s, Z/s)
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, squeeze_excite: bool, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, squeeze_excite: bool, dropout: float,
+                 act: str | tuple = "PRELU"):
         super().__init__()
-        self.unit = ResidualUnit(3, in_channels, out_channels, strides=stride, subunits=2, norm="INSTANCE")
+        self.unit = ResidualUnit(3, in_channels, out_channels, strides=stride, subunits=2, norm="INSTANCE", act=act)
         # Hu et al. 2018, "Squeeze-and-excitation networks": channel attention at negligible cost.
         self.se = ChannelSELayer(3, out_channels, r=4) if squeeze_excite else nn.Identity()
         self.drop = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
@@ -39,12 +43,13 @@ class ImageEncoder(nn.Module):
     it would only add noise to the skip connection that carries boundary detail.
     """
 
-    def __init__(self, in_channels: int, channels: tuple[int, ...], squeeze_excite: bool, dropout: float):
+    def __init__(self, in_channels: int, channels: tuple[int, ...], squeeze_excite: bool, dropout: float,
+                 act: str | tuple = "PRELU"):
         super().__init__()
         widths = (in_channels, *channels)
         self.levels = nn.ModuleList(
             EncoderLevel(widths[i], widths[i + 1], stride=2, squeeze_excite=squeeze_excite,
-                         dropout=0.0 if i == 0 else dropout)
+                         dropout=0.0 if i == 0 else dropout, act=act)
             for i in range(len(channels))
         )
 
@@ -91,9 +96,10 @@ class DualViewEncoder(nn.Module):
     (B, V, X, Y, Z) → the same pyramid as :class:`ImageEncoder`.
     """
 
-    def __init__(self, views: int, channels: tuple[int, ...], squeeze_excite: bool, dropout: float):
+    def __init__(self, views: int, channels: tuple[int, ...], squeeze_excite: bool, dropout: float,
+                 act: str | tuple = "PRELU"):
         super().__init__()
-        self.encoders = nn.ModuleList(ImageEncoder(1, channels, squeeze_excite, dropout) for _ in range(views))
+        self.encoders = nn.ModuleList(ImageEncoder(1, channels, squeeze_excite, dropout, act) for _ in range(views))
         self.fusions = nn.ModuleList(ConsensusFusion(c, views) for c in channels)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -41,6 +41,11 @@ from jointray.tasks import JointOutput
 #: Width of the shared outcome representation h.
 OUTCOME_DIM = 128
 
+#: ``model.activation`` → MONAI's activation spec for every convolution block of the encoder and decoder.
+#: PReLU: MONAI's default. Leaky ReLU with slope 0.01: nnU-Net's (Isensee et al., Nature Methods 2021), and
+#: cheaper to train on a CPU (PReLU's backward pass reduces its gradient over every voxel).
+ACTIVATIONS: dict[str, str | tuple] = {"prelu": "PRELU", "leakyrelu": ("LEAKYRELU", {"negative_slope": 0.01})}
+
 
 @dataclass(frozen=True)
 class VariantSpec:
@@ -95,10 +100,11 @@ class JointModel(nn.Module):
         self.uses_image = spec.segmentation or cfg.use_image
         self.encoder = None
         if self.uses_image:
-            self.encoder = (DualViewEncoder(in_channels, channels, spec.squeeze_excite, cfg.dropout) if spec.dual_view
-                            else ImageEncoder(in_channels, channels, spec.squeeze_excite, cfg.dropout))
+            encoder = DualViewEncoder if spec.dual_view else ImageEncoder
+            self.encoder = encoder(in_channels, channels, spec.squeeze_excite, cfg.dropout, ACTIVATIONS[cfg.activation])
         self.decoder = SegmentationDecoder(channels, in_channels, cfg.num_classes, spec.attention_gates,
-                                           cfg.full_res_channels, cfg.full_res_unit) if spec.segmentation else None
+                                           cfg.full_res_channels, cfg.full_res_unit, ACTIVATIONS[cfg.activation]) \
+            if spec.segmentation else None
         self.film = self.cross_attention = None
         if self.uses_image and spec.clinical_fusion:
             self.film = FiLM(channels[-1], cfg.clinical_dim)
