@@ -70,6 +70,19 @@ def test_a_model_without_heads_is_left_as_trained_by_the_refit(tmp_path):
     assert (folder / STATE_FILE).read_bytes() == before
 
 
+def test_heads_without_targets_take_no_part_in_the_loss_balancing(msd_checkpoint):
+    """MSD has no outcome targets. Its v2 balances the segmentation loss alone: inverse_rate weighs one task 1.0
+    at every epoch (with the three empty heads balanced beside it, the segmentation's weight jumped to 3.79
+    after the warm-up, multiplying the gradient that train.grad_clip then clipped), and no loss of 0 is
+    reported for a head that never saw a target."""
+    history = read_history(Path(msd_checkpoint).parent / HISTORY_FILE)
+    assert len(history) == 16
+    for row in history:
+        assert row["weight/seg"] == 1.0
+        assert sorted(k for k in row if k.startswith(("weight/", "train/"))) == ["train/seg", "weight/seg"]
+    assert read_checkpoint(msd_checkpoint).trained_heads == []
+
+
 def test_trained_outcome_heads_are_reported_with_monte_carlo_intervals(train_cohort, one_epoch):
     import pandas as pd
 

@@ -217,8 +217,11 @@ class JointTrainer:
         self.nodes = len(set(self.comms.gather(ray.get_runtime_context().get_node_id())))
 
         model = to_layout(build_model(cfg.model, self.spec.channels, self.schema), cfg.train.channels_last)
+        # Only the tasks the training data has targets for are trained and balanced: a head without any
+        # (an image-only dataset's outcomes) would add a constant 0 loss, and an adaptive balancer would shift
+        # its weight onto the others.
         self.tasks = (["seg"] if model.decoder is not None else []) + (
-            list(model.cfg.heads) if model.heads is not None else [])
+            [h for h in model.cfg.heads if h in lc["trained_heads"]] if model.heads is not None else [])
         shared = model.encoder.levels[-1] if model.encoder is not None else model.to_hidden
         self.balancer = make_balancer(cfg.train.balancer, self.tasks, list(shared.parameters())).to(device)
         self.curriculum = Curriculum(cfg.train.curriculum, lr=cfg.train.lr)
@@ -303,6 +306,9 @@ class JointTrainer:
         total = self.balancer(task_losses, scales=phase.scales(task_losses))
         if "correlation" in losses:
             total = total + losses["correlation"]
+        # A head without targets has an exact 0 loss that still reaches its parameters: adding it keeps every
+        # parameter in the graph, as DDP's gradient reducer expects of each step, and changes nothing else.
+        total = total + sum(v for k, v in losses.items() if k not in self.tasks and k != "correlation")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(total).backward()
@@ -342,7 +348,7 @@ class JointTrainer:
 
     def unvalidated(self) -> dict[str, float]:
         """Every validation metric as NaN: what a diverged epoch reports."""
-        heads = [h for h in self.tasks if h != "seg"]
+        heads = list(self.cfg.model.heads) if self.unwrapped.heads is not None else []
         return dict.fromkeys(validation_keys(self.structures, "seg" in self.tasks, heads), math.nan)
 
     def save_checkpoint(self, metrics: dict[str, float]) -> None:
