@@ -173,7 +173,8 @@ def main() -> None:
         m = {k: v for k, v in m.items() if not k.startswith("val/")} | {"val/cases": 0.0}  # scored training cases
     else:
         chosen = f"fold {cfg.train.fold} of {cfg.train.n_folds} ({int(m['val/cases'])} cases) validates and picks it"
-    table = Table(title=f"{cfg.model.variant} on MSD hippocampus: {len(test_ids)} test cases held out; {cases} in the pool, {chosen}; "
+    table = Table(title=f"{cfg.model.variant} on MSD hippocampus: {len(test_ids)} test cases held out; "
+                        f"{cases} in the pool, {chosen}; "
                         f"{cfg.train.max_minutes:g} min of training (per fold) on this machine")
     for column in ("structure", "val Dice (training loop)", "val Dice (evaluate + mirroring)", "test Dice (evaluate)",
                    "test Dice (+ mirroring)", "test HD95 mm (+ mirroring)", "test missed", "nnU-Net Dice",
