@@ -22,7 +22,7 @@ class DecoderLevel(nn.Module):
     x (B, C_in, X/2, ...), skip (B, C_out, X, ...) → (B, C_out, X, ...)
     """
 
-    def __init__(self, in_channels: int, out_channels: int, attention_gate: bool, act: str | tuple = "PRELU"):
+    def __init__(self, in_channels: int, out_channels: int, attention_gate: bool, act: str | tuple):
         super().__init__()
         self.out_channels = out_channels
         self.up = _up(in_channels, out_channels, act)
@@ -57,7 +57,7 @@ class SegmentationDecoder(nn.Module):
     """
 
     def __init__(self, channels: tuple[int, ...], in_channels: int, num_classes: int, attention_gates: bool,
-                 full_res_channels: int = 4, full_res_unit: bool = False, act: str | tuple = "PRELU"):
+                 full_res_channels: int, full_res_unit: bool, act: str | tuple):
         super().__init__()
         self.levels = nn.ModuleList(
             DecoderLevel(channels[i + 1], channels[i], attention_gates, act) for i in reversed(range(len(channels) - 1))

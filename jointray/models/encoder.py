@@ -21,7 +21,7 @@ class EncoderLevel(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, squeeze_excite: bool, dropout: float,
-                 act: str | tuple = "PRELU"):
+                 act: str | tuple):
         super().__init__()
         self.unit = ResidualUnit(3, in_channels, out_channels, strides=stride, subunits=2, norm="INSTANCE", act=act)
         # Hu et al. 2018, "Squeeze-and-excitation networks": channel attention at negligible cost.
@@ -44,7 +44,7 @@ class ImageEncoder(nn.Module):
     """
 
     def __init__(self, in_channels: int, channels: tuple[int, ...], squeeze_excite: bool, dropout: float,
-                 act: str | tuple = "PRELU"):
+                 act: str | tuple):
         super().__init__()
         widths = (in_channels, *channels)
         self.levels = nn.ModuleList(
@@ -97,7 +97,7 @@ class DualViewEncoder(nn.Module):
     """
 
     def __init__(self, views: int, channels: tuple[int, ...], squeeze_excite: bool, dropout: float,
-                 act: str | tuple = "PRELU"):
+                 act: str | tuple):
         super().__init__()
         self.encoders = nn.ModuleList(ImageEncoder(1, channels, squeeze_excite, dropout, act) for _ in range(views))
         self.fusions = nn.ModuleList(ConsensusFusion(c, views) for c in channels)

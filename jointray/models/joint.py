@@ -98,13 +98,13 @@ class JointModel(nn.Module):
         schema = schema or ClinicalSchema()
         channels = tuple(cfg.channels)
         self.uses_image = spec.segmentation or cfg.use_image
+        act = ACTIVATIONS[cfg.activation]
         self.encoder = None
         if self.uses_image:
             encoder = DualViewEncoder if spec.dual_view else ImageEncoder
-            self.encoder = encoder(in_channels, channels, spec.squeeze_excite, cfg.dropout, ACTIVATIONS[cfg.activation])
+            self.encoder = encoder(in_channels, channels, spec.squeeze_excite, cfg.dropout, act)
         self.decoder = SegmentationDecoder(channels, in_channels, cfg.num_classes, spec.attention_gates,
-                                           cfg.full_res_channels, cfg.full_res_unit, ACTIVATIONS[cfg.activation]) \
-            if spec.segmentation else None
+                                           cfg.full_res_channels, cfg.full_res_unit, act) if spec.segmentation else None
         self.film = self.cross_attention = None
         if self.uses_image and spec.clinical_fusion:
             self.film = FiLM(channels[-1], cfg.clinical_dim)
