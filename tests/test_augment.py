@@ -24,7 +24,7 @@ NOTHING = ["train.augment.flip_prob=0", "train.augment.affine_prob=0", "train.au
 
 @pytest.fixture(scope="module")
 def batch():
-    """Four real MSD cases, prepared as the shards hold them: image (4, 1, 48, 64, 48), label (4, 48, 64, 48)."""
+    """Four real MSD cases, prepared as the shards hold them: image (4, 1, 32, 64, 48), label (4, 32, 64, 48)."""
     root = shared_data("msd_hippocampus")
     cfg = load_config(MSD)
     entries = json.loads((root / "dataset.json").read_text())["training"][:4]

@@ -60,7 +60,7 @@ def test_cli_prepares_220_and_reports_3(msd_prepared):
     report = json.loads((out / "report.json").read_text())
     assert (report["inputs"], report["prepared"], len(report["quarantined"])) == (223, 220, 3)
     assert {q["subject_id"]: q["reason"] for q in report["quarantined"]} == UNPAIRED
-    assert report["warnings"] == []  # 48 x 64 x 48 holds every case: nothing cropped
+    assert report["warnings"] == []  # the 32 x 64 x 48 window holds every label whole
     spec = read_spec(out)
     assert spec.digest() == report["spec_digest"]
     table = pq.read_table(out / "shards", columns=["subject_id"])
@@ -75,7 +75,7 @@ def test_prepared_labels_map_back_to_the_original_files_exactly(msd_prepared, ms
     rows = table.to_pylist()
     labels = table["label"].combine_chunks().to_numpy()
     images = table["image"].combine_chunks().to_numpy()
-    assert labels.shape == (220, 48, 64, 48) and images.shape == (220, 1, 48, 64, 48)
+    assert labels.shape == (220, 32, 64, 48) and images.shape == (220, 1, 32, 64, 48)
     for row, label, image in zip(rows, labels, images):
         original = nib.load(row["source_label"])
         restored = restore_to_original(label, geometry_from_row(row))
@@ -117,5 +117,5 @@ def test_streaming_split_is_deterministic_and_augmentation_is_seeded(msd_prepare
     assert set(np.unique(once["label"])) <= {0, 1, 2} and once["label"].dtype == first["label"].dtype
     assert list(once["subject_id"]) == list(first["subject_id"])
     tensors = next(iter(train.select_columns(["image", "label"]).iter_torch_batches(batch_size=4)))
-    assert tuple(tensors["image"].shape) == (4, 1, 48, 64, 48) and tensors["image"].dtype == torch.float32
-    assert tuple(tensors["label"].shape) == (4, 48, 64, 48)
+    assert tuple(tensors["image"].shape) == (4, 1, 32, 64, 48) and tensors["image"].dtype == torch.float32
+    assert tuple(tensors["label"].shape) == (4, 32, 64, 48)

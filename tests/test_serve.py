@@ -94,7 +94,8 @@ def test_predict_answers_with_intervals_and_the_mask_scores_as_evaluate_does(ser
     response = _post(server, "/v1/predict", data, image_path.name, params={"mask": "true"})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["path"] == "window" and body["mc"] == {"samples": 6, "mode": "decoder", "interval": 0.9}
+    # 35 voxels left to right, wider than the MSD window (32): located by sliding windows, then one window.
+    assert body["path"] == "sliding_window" and body["mc"] == {"samples": 6, "mode": "decoder", "interval": 0.9}
     assert body["outcomes"] == {}  # an MSD model never saw clinical targets: no head is reported
     for name in STRUCTURES.values():
         volume = body["structures"][name]["volume_mm3"]

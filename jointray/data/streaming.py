@@ -12,12 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
 from jointray.config import TrainConfig
+from jointray.data.shard_reads import read_task, shard_rows
 from jointray.data.shards import SHARDS_DIR
 
 #: CPUs each read/augment task asks for. Less than one, so that the data tasks fit beside fractional
@@ -52,12 +51,6 @@ def split_subjects(shards: str | Path, n_folds: int, fold: int | str, seed: int)
     return train, val
 
 
-def _read_subjects(batch: pa.Table, keep: list[str]) -> pa.Table:
-    """The rows of the subjects in ``keep`` from the shard files named in ``batch["path"]``."""
-    return pa.concat_tables([pq.read_table(path, filters=pc.field("subject_id").isin(keep))
-                             for path in batch["path"].to_pylist()])
-
-
 def subjects_dataset(prepared: str | Path, subject_ids: list[str]) -> ray.data.Dataset:
     """A Ray Dataset of the given subjects' shard rows, one read task per shard file.
 
@@ -67,7 +60,7 @@ def subjects_dataset(prepared: str | Path, subject_ids: list[str]) -> ray.data.D
     """
     files = sorted(str(f) for f in (Path(prepared) / SHARDS_DIR).glob("*.parquet"))
     return ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
-        _read_subjects, fn_kwargs={"keep": subject_ids}, batch_format="pyarrow", batch_size=1, num_cpus=DATA_TASK_CPUS)
+        read_task, fn_kwargs={"keep": subject_ids}, batch_format="pyarrow", batch_size=1, num_cpus=DATA_TASK_CPUS)
 
 
 def train_val_datasets(prepared: str | Path, cfg: TrainConfig) -> tuple[ray.data.Dataset, ray.data.Dataset]:
@@ -80,8 +73,7 @@ def read_subjects(prepared: str | Path, subject_ids: list[str]) -> dict[str, np.
     """The shard rows of ``subject_ids`` as NumPy columns (the ``iter_batches(batch_format="numpy")`` form),
     read in this process: for work on a handful of cases (export calibration, fine-tuning) without a Ray job."""
     keep = sorted(set(subject_ids))
-    files = sorted((Path(prepared) / SHARDS_DIR).glob("*.parquet"))
-    table = pa.concat_tables([pq.read_table(f, filters=pc.field("subject_id").isin(keep)) for f in files])
+    table = shard_rows(sorted(str(f) for f in (Path(prepared) / SHARDS_DIR).glob("*.parquet")), keep)
     missing = set(keep) - set(table.column("subject_id").to_pylist())
     if missing:
         raise ValueError(f"{prepared}: no prepared rows for subjects {sorted(missing)[:5]}")

@@ -47,6 +47,7 @@ from jointray.train.batches import ModelBatch, to_model_batch
 from jointray.train.curriculum import Curriculum, Phase
 from jointray.train.progress import epoch_line
 from jointray.train.tracking import Tracker
+from jointray.train.update import guarded_update
 from jointray.train.validation import combined_score, predict_cases
 
 #: Cases kept in the local shuffle buffer of the training iterator.
@@ -167,7 +168,9 @@ class JointTrainer:
             losses, cases, seconds, waited = self.train_epoch(phase)
             # A non-finite loss on any rank ends the run after this epoch (the driver reports it as an
             # error): its weights are garbage, and predicting with them proves nothing.
-            diverged = self.comms.max(float(not all(math.isfinite(v) for v in losses.values()))) > 0
+            # So does an epoch in which no step had a finite gradient (each was skipped: guarded_update).
+            diverged = self.comms.max(float(not all(math.isfinite(v) for v in losses.values())
+                                            or self.skipped == self.epoch_steps > 0)) > 0
             self.stop = self.stop or diverged
             # nnU-Net's "all" fold validates on training cases, which chooses nothing: only the last epoch
             # is scored (as the exported model's figures), and the time goes to training.
@@ -193,6 +196,8 @@ class JointTrainer:
                           else elapsed / (self.epoch + 1) * (train.epochs - self.epoch - 1)),
                 "worker/cpus": self.cpus, "worker/threads": torch.get_num_threads(),
                 "resumed_from_epoch": self.resumed_from,
+                # Steps whose gradient was not finite, left unapplied (guarded_update; fp16's scaler skips its own).
+                "skipped_steps": self.comms.max(float(self.skipped)),
             }
             self.save_checkpoint(metrics)
             self.epoch += 1
@@ -260,6 +265,7 @@ class JointTrainer:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         cases, started = 0, time.perf_counter()
+        self.skipped, self.epoch_steps = 0, 0
         batches = ray.train.get_dataset_shard("train").iter_batches(
             batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=SHUFFLE_BUFFER,
             local_shuffle_seed=stream_seed(cfg.seed, SHUFFLE, self.epoch, rank))
@@ -269,6 +275,7 @@ class JointTrainer:
         for raw in batches:
             waited += time.perf_counter() - ready
             self.step += 1
+            self.epoch_steps += 1
             self.inject_fault()
             elapsed = self.shared_elapsed()
             progress = training_progress(self.step - 1, self.total_steps, self.warmup_steps, elapsed, self.budget_s)
@@ -316,13 +323,14 @@ class JointTrainer:
         else:
             total.backward()
         self.sync_balancer()
-        if self.cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        if self.scaler is not None:
+        if self.scaler is not None:  # fp16: the scaler skips a step whose gradient is not finite
+            if self.cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
-            self.optimizer.step()
+        elif not guarded_update(self.optimizer, self.model.parameters(), self.cfg.train.grad_clip):
+            self.skipped += 1
+            return {k: float(v.detach()) for k, v in task_losses.items()}
         if self.ema is not None:
             self.ema.update_parameters(self.unwrapped)
         return {k: float(v.detach()) for k, v in task_losses.items()}

@@ -27,7 +27,9 @@ def epoch_line(metrics: dict[str, float], epochs: int | None) -> str:
                    if k in metrics and not math.isnan(metrics[k]))
     of = f"/{epochs}" if epochs is not None else ""
     val = f"val {val} | " if val else ""  # an epoch of the "all" fold that was not validated
-    return (f"epoch {int(metrics['epoch']) + 1}{of} | loss {losses} | w {weights} | {val}"
+    skipped = int(metrics.get("skipped_steps", 0))
+    skipped = f"{skipped} step(s) skipped (gradient not finite) | " if skipped else ""
+    return (f"epoch {int(metrics['epoch']) + 1}{of} | loss {losses} | w {weights} | {val}{skipped}"
             f"{metrics['cases_per_s']:.1f} cases/s | eta {_duration(metrics['eta_s'])}")
 
 
