@@ -102,7 +102,9 @@ def test_mc_modes_do_less_work_than_full_passes(predictor):
     """For the same T, ``heads`` and ``decoder`` push fewer cases through the image encoder than ``full``, and
     ``heads`` fewer through the decoder; every mode draws all T samples."""
     image, _ = _held_out(2)
-    case = predictor.prepare((np.asarray(image.dataobj), image.affine), name="case")
+    # The case's first 32 voxels left to right: it fits the window, so each pass below is one window.
+    case = predictor.prepare((np.asarray(image.dataobj)[:predictor.spec.target_shape[0]], image.affine), name="case")
+    assert case.path == "window"
     model = predictor.models[0]
     seen = {"encoder": 0, "decoder": 0}
 
