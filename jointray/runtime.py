@@ -8,6 +8,12 @@ import ray
 
 from jointray.config import RayConfig
 
+#: The local instance's worker pool. Ray kills an idle worker process after 1 s once more than num_cpus are
+#: alive, and a training run's actors (controller, workers, the data split coordinator) already hold more:
+#: each epoch's read tasks then start a fresh Python process, import Ray and pyarrow, and the training step
+#: waits for them. Idle workers kept for a minute (and up to 8 of them) serve every epoch's reads.
+LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000, "num_workers_soft_limit": 8}
+
 
 def init_ray(cfg: RayConfig) -> None:
     """Connect to ``cfg.address`` or ``$RAY_ADDRESS`` (set by ``ray job submit``), else start a local instance.
@@ -26,4 +32,5 @@ def init_ray(cfg: RayConfig) -> None:
     # With the dashboard (on the loopback address only): Ray Train's placement-group cleaner asks the
     # State API, served by the dashboard, whether the run is alive; without it it logs a warning
     # every second of training.
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", logging_config=logging_config)
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", logging_config=logging_config,
+             _system_config=LOCAL_SYSTEM_CONFIG)
