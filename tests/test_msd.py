@@ -70,24 +70,24 @@ def test_cli_prepares_220_and_reports_3(msd_prepared):
 def test_prepared_labels_map_back_to_the_original_files_exactly(msd_prepared, msd_root):
     out, _ = msd_prepared
     table = pq.read_table(out / "shards", columns=[
-        "subject_id", "label", "image", "source_label", "source_images", "original_shape", "original_affine", "resampled_shape",
-        "crop_start", "affine"])
+        "subject_id", "label", "image", "source_label", "source_images", "original_shape", "original_affine",
+        "resampled_shape", "crop_start", "affine"])
     rows = table.to_pylist()
     labels = table["label"].combine_chunks().to_numpy()
     images = table["image"].combine_chunks().to_numpy()
     assert labels.shape == (220, 32, 64, 48) and images.shape == (220, 1, 32, 64, 48)
     for row, label, image in zip(rows, labels, images):
-        original = nib.load(row["source_label"])
-        restored = restore_to_original(label, geometry_from_row(row))
+        original, geometry = nib.load(row["source_label"]), geometry_from_row(row)
+        restored = restore_to_original(label, geometry)
         np.testing.assert_array_equal(restored, np.asarray(original.dataobj), err_msg=row["subject_id"])
         # The image, z-scored over the whole image's foreground (MONAI's NormalizeIntensity, nonzero=True),
         # holds exactly those values wherever the window covers the original grid (the window may crop it).
         source = np.asarray(nib.load(json.loads(row["source_images"])[0]).dataobj, np.float64)
         foreground = source[source != 0]
         zscored = np.where(source != 0, (source - foreground.mean()) / foreground.std(), 0.0)
-        covered = restore_to_original(np.ones(label.shape, np.uint8), geometry_from_row(row)).astype(bool)
-        np.testing.assert_allclose(restore_to_original(image[0], geometry_from_row(row))[covered], zscored[covered],
-                                   atol=1e-5, err_msg=row["subject_id"])
+        covered = restore_to_original(np.ones(label.shape, np.uint8), geometry).astype(bool)
+        np.testing.assert_allclose(restore_to_original(image[0], geometry)[covered], zscored[covered], atol=1e-5,
+                                   err_msg=row["subject_id"])
 
 
 def test_streaming_split_is_deterministic_and_augmentation_is_seeded(msd_prepared):

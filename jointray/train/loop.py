@@ -323,15 +323,16 @@ class JointTrainer:
         else:
             total.backward()
         self.sync_balancer()
+        applied = True
         if self.scaler is not None:  # fp16: the scaler skips a step whose gradient is not finite
             if self.cfg.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif not guarded_update(self.optimizer, self.model.parameters(), self.cfg.train.grad_clip):
-            self.skipped += 1
-            return {k: float(v.detach()) for k, v in task_losses.items()}
-        if self.ema is not None:
+        else:
+            applied = guarded_update(self.optimizer, self.model.parameters(), self.cfg.train.grad_clip)
+            self.skipped += not applied
+        if applied and self.ema is not None:
             self.ema.update_parameters(self.unwrapped)
         return {k: float(v.detach()) for k, v in task_losses.items()}
 
