@@ -6,8 +6,10 @@
    with probability 1 (what one application costs), then for the whole set at the config's
    probabilities (what an average case costs), beside the training step's own cost per case (forward,
    loss, backward and AdamW of the config's model at its batch size and precision, in this process with
-   2 torch threads).
-2. **In the trainer**: ``jointray train`` on ``--cases`` MSD cases for ``--epochs`` epochs, once with
+   2 torch threads; batch conversion included).
+2. **Beside the step**, in the same process: training cases/s and CPU use without augmentation, with it in
+   line, and one batch ahead in a background thread as the training loop runs it, taking turns.
+3. **In the trainer**: ``jointray train`` on ``--cases`` MSD cases for ``--epochs`` epochs, once with
    the default light augmentation and once with nnU-Net's set (after a one-epoch warm-up
    run, whose figures are discarded: the first run in a fresh Ray instance pays its start-up costs),
    reporting training cases/s
@@ -77,24 +79,55 @@ def transform_costs(cfg, batch: dict[str, np.ndarray], repeats: int) -> dict[str
     return rows
 
 
-def step_cost_ms(cfg, batch: dict[str, np.ndarray], schema, steps: int) -> float:
-    """ms per case of a training step (forward, loss, backward, AdamW) at the config's precision."""
+def training_step(cfg, schema):
+    """One training step of the config's model on a NumPy batch (batch conversion, forward, the segmentation loss,
+    backward, AdamW) at its precision and layout, with 2 torch threads: the loop's step without Ray."""
     torch.set_num_threads(2)
     model = to_layout(build_model(cfg.model, 1, schema), cfg.train.channels_last)
     loss_fn = JointLoss(cfg.model, cfg.train.loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     autocast, _ = autocast_for(cfg.train.precision, torch.device("cpu"))
-    model_batch = to_model_batch(batch, schema, "cpu", cfg.train.channels_last)
-    for step in range(steps + 1):
-        if step == 1:  # the first step allocates and warms up
-            started = time.perf_counter()
+
+    def step(batch: dict[str, np.ndarray]) -> None:
+        model_batch = to_model_batch(batch, schema, "cpu", cfg.train.channels_last)
         with autocast():
             out = model(model_batch.image, model_batch.clinical, 1.0, model_batch.voxel_volume)
         total = sum(v for k, v in loss_fn(out, model_batch.targets).items() if k == "seg")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
-    return (time.perf_counter() - started) / (steps * model_batch.size) * 1000
+    return step
+
+
+def step_cost_ms(step, batch: dict[str, np.ndarray], steps: int) -> float:
+    """ms per case of a training step; the first step (allocation, warm-up) is not timed."""
+    step(batch)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step(batch)
+    return (time.perf_counter() - started) / (steps * len(batch["image"])) * 1000
+
+
+def beside_the_step(step, augment: Augmenter, batch: dict[str, np.ndarray], steps: int,
+                    rounds: int) -> dict[str, list[dict[str, float]]]:
+    """Training cases/s and the process's CPU use (% of one core) of ``steps`` steps: without augmentation, with
+    it in line, and one batch ahead in a background thread as the training loop runs it (``Augmenter.ahead``).
+    The three take turns, ``rounds`` times, so that the machine's drift hits them alike."""
+    ways = {"no augmentation": lambda: (batch for _ in range(steps)),
+            "augmentation in line": lambda: (augment(batch, seed) for seed in range(steps)),
+            "augmentation ahead, in a thread (the loop)": lambda: augment.ahead((batch for _ in range(steps)),
+                                                                                 lambda seed: seed)}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, batches in ways.items():
+            step(batch)
+            started, cpu = time.perf_counter(), time.process_time()
+            for augmented in batches():
+                step(augmented)
+            seconds = time.perf_counter() - started
+            runs[name].append({"cases_per_s": steps * len(batch["image"]) / seconds,
+                               "cpu_percent": (time.process_time() - cpu) / seconds * 100})
+    return runs
 
 
 def in_trainer(config: str, base: list[str], name: str, extra: list[str], epochs: int) -> dict[str, float]:
@@ -111,6 +144,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=100, help="MSD cases prepared for the trainer runs")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10, help="passes over one batch per transform")
+    parser.add_argument("--steps", type=int, default=15, help="training steps per way and round, beside the step")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "augment.json"))
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = parser.parse_args()
@@ -128,7 +163,9 @@ def main() -> None:
     batch = next(iter(subjects_dataset(cfg.data.output, train_ids).iter_batches(batch_size=cfg.train.batch_size,
                                                                                  batch_format="numpy")))
     costs = transform_costs(cfg, batch, args.repeats)
-    step = step_cost_ms(cfg, batch, schema, steps=5)
+    train_step = training_step(cfg, schema)
+    step = step_cost_ms(train_step, batch, steps=5)
+    beside = beside_the_step(train_step, Augmenter(cfg.train.augment), batch, args.steps, args.rounds)
     light = [f"train.augment.{k}={json.dumps(v)}" for k, v in AugmentConfig().model_dump().items()]
     in_trainer("msd_hippocampus.yaml", base, "warm_up", light, 1)  # a fresh Ray instance's start-up costs
     runs = {"default light set": in_trainer("msd_hippocampus.yaml", base, "light", light, args.epochs),
@@ -144,6 +181,12 @@ def main() -> None:
         table.add_row(name, f"{ms:.1f}", f"{ms / step:.2f}")
     table.add_row("training step (forward, backward, AdamW)", f"{step:.1f}", "1.00")
     console.print(table)
+    overlap = Table(title=f"beside the step (nnU-Net set), one process, {args.steps} steps a round: cases/s (CPU %)")
+    for column in ("augmentation", "cases/s (CPU %)"):
+        overlap.add_column(column, justify="right")
+    for name, rows in beside.items():
+        overlap.add_row(name, ", ".join(f"{r['cases_per_s']:.1f} ({r['cpu_percent']:.0f} %)" for r in rows))
+    console.print(overlap)
     trainer = Table(title=f"in the trainer: {len(train_ids)} training cases, last of {args.epochs} epochs")
     for column in ("augmentation", "cases/s", "data wait"):
         trainer.add_column(column, justify="right")
@@ -154,7 +197,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "cases": len(cases), "epochs": args.epochs, "overrides": args.overrides,
-        "ms_per_case": costs, "step_ms_per_case": step, "trainer": runs}, indent=2))
+        "ms_per_case": costs, "step_ms_per_case": step, "beside_the_step": beside, "trainer": runs}, indent=2))
 
 
 if __name__ == "__main__":
