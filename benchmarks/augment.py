@@ -8,13 +8,14 @@
    loss, backward and AdamW of the config's model at its batch size and precision, in this process with
    2 torch threads; batch conversion included).
 2. **Beside the step**, in the same process: training cases/s and CPU use without augmentation, with it in
-   line, and one batch ahead in a background thread as the training loop runs it, taking turns.
+   line (as the training loop runs it on a CPU), and one batch ahead in a background thread (as the loop runs
+   it beside a GPU), taking turns.
 3. **In the trainer**: ``jointray train`` on ``--cases`` MSD cases for ``--epochs`` epochs, once with
    the default light augmentation and once with nnU-Net's set (after a one-epoch warm-up
    run, whose figures are discarded: the first run in a fresh Ray instance pays its start-up costs),
    reporting training cases/s
-   and ``data_wait`` (the share of the epoch the training step stood idle waiting for its batch;
-   augmentation runs one batch ahead in a background thread) of the last epoch.
+   and ``data_wait`` (the share of the epoch the training step stood waiting for its batch; on a CPU the
+   augmentation runs in line, so this includes it) of the last epoch.
 
     python benchmarks/augment.py [--cases 100] [--epochs 3] [key=value ...]
 """
@@ -111,12 +112,14 @@ def step_cost_ms(step, batch: dict[str, np.ndarray], steps: int) -> float:
 def beside_the_step(step, augment: Augmenter, batch: dict[str, np.ndarray], steps: int,
                     rounds: int) -> dict[str, list[dict[str, float]]]:
     """Training cases/s and the process's CPU use (% of one core) of ``steps`` steps: without augmentation, with
-    it in line, and one batch ahead in a background thread as the training loop runs it (``Augmenter.ahead``).
+    it in line (the training loop on a CPU), and one batch ahead in a background thread (``Augmenter.ahead``, the
+    loop beside a GPU).
     The three take turns, ``rounds`` times, so that the machine's drift hits them alike."""
     ways = {"no augmentation": lambda: (batch for _ in range(steps)),
-            "augmentation in line": lambda: (augment(batch, seed) for seed in range(steps)),
-            "augmentation ahead, in a thread (the loop)": lambda: augment.ahead((batch for _ in range(steps)),
-                                                                                 lambda seed: seed)}
+            "augmentation in line (the loop on a CPU)": lambda: augment.in_line((batch for _ in range(steps)),
+                                                                                lambda seed: seed),
+            "augmentation ahead, in a thread (beside a GPU)": lambda: augment.ahead((batch for _ in range(steps)),
+                                                                                     lambda seed: seed)}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in ways}
     for _ in range(rounds):
         for name, batches in ways.items():

@@ -1,5 +1,6 @@
-"""Training augmentation: nnU-Net's transforms on real MSD cases, each doing what it says, and the
-augmentation that runs one batch ahead giving exactly what the inline one gives."""
+"""Training augmentation: nnU-Net's transforms on real MSD cases, each doing what it says, and the streams the
+training loop draws from (in line on a CPU, one batch ahead in a thread beside a GPU) giving exactly what each
+call gives."""
 
 import itertools
 import json
@@ -133,16 +134,18 @@ def test_the_shift_moves_image_and_label_by_the_same_whole_voxels(batch):
     assert out["label"].dtype == batch["label"].dtype and out["image"].dtype == np.float32
 
 
-def test_augmenting_one_batch_ahead_gives_what_augmenting_in_line_gives(batch):
+def test_augmenting_in_line_or_one_batch_ahead_gives_what_each_call_gives(batch):
     augment = Augmenter(load_config(MSD).train.augment)
     batches = [{k: v[i:i + 2] for k, v in batch.items()} for i in (0, 2, 0, 2)]
     seed = lambda i: stream_seed(0, AUGMENT, 1, 0, i)
     inline = [augment(b, seed(i)) for i, b in enumerate(batches)]
-    ahead = list(augment.ahead(iter(batches), seed))
-    assert len(ahead) == 4
-    for a, b in zip(inline, ahead):
-        np.testing.assert_array_equal(a["image"], b["image"])
-        np.testing.assert_array_equal(a["label"], b["label"])
+    assert len({float(b["image"].sum()) for b in inline}) == 4  # a fresh draw per batch, also for repeated input
+    for stream in (augment.in_line(iter(batches), seed), augment.ahead(iter(batches), seed)):
+        out = list(stream)
+        assert len(out) == 4
+        for a, b in zip(inline, out):
+            np.testing.assert_array_equal(a["image"], b["image"])
+            np.testing.assert_array_equal(a["label"], b["label"])
     # A caller that stops after the first batch stops the thread too (the generator closes cleanly).
     stream = augment.ahead(iter(batches), seed)
     np.testing.assert_array_equal(next(stream)["image"], inline[0]["image"])

@@ -117,13 +117,21 @@ class Augmenter:
         ]
         self.transform = Compose([make(prob) for prob, make in candidates if prob > 0])
 
+    def in_line(self, batches: Iterable[dict[str, np.ndarray]],
+                seed: Callable[[int], int]) -> Iterator[dict[str, np.ndarray]]:
+        """``batches`` augmented, batch i with ``seed(i)``, each when the caller asks for it, in the caller's thread."""
+        for index, batch in enumerate(batches):
+            yield self(batch, seed(index))
+
     def ahead(self, batches: Iterable[dict[str, np.ndarray]],
               seed: Callable[[int], int]) -> Iterator[dict[str, np.ndarray]]:
         """``batches`` augmented, batch i with ``seed(i)``, one batch ahead in a background thread: batch
         i + 1 is transformed while the caller trains on batch i. MONAI's and torch's kernels release the
-        GIL, so where a core is free the trainer need not wait for its data. The result is the same as
-        augmenting in line, whatever the timing; a caller that stops early waits for at most the one
-        batch in flight."""
+        GIL, so where the caller's step leaves the CPU free (it runs on a GPU) the trainer need not wait for
+        its data. Not where the step itself computes on the CPU: the thread's torch kernels run their own
+        OpenMP team beside the step's, on the same cores, and both slow down (``in_line`` is the faster
+        there; benchmarks/README.md). The result is the same as augmenting in line, whatever the timing; a
+        caller that stops early waits for at most the one batch in flight."""
         with ThreadPoolExecutor(1, thread_name_prefix="augment") as pool:
             pending = None
             for index, batch in enumerate(batches):

@@ -189,8 +189,9 @@ class JointTrainer:
                 "epoch": self.epoch, "step": self.step, "nodes": self.nodes, "val/score": score,
                 "lr": self.optimizer.param_groups[0]["lr"], "cross": phase.cross, "elapsed_s": elapsed,
                 "cases_per_s": self.comms.world * cases / max(seconds, 1e-9), "stopped": float(self.stop),
-                # The share of the epoch the slowest rank's training step stood idle, waiting for its data
-                # (reading, shuffling, augmentation): above a few per cent the data path starves the trainer.
+                # The share of the epoch the slowest rank's training step stood waiting for its data (reading,
+                # shuffling, and augmentation: all of it on a CPU, where it runs in line; on a GPU, what the
+                # thread augmenting ahead did not hide). On a GPU, above a few per cent the data path starves it.
                 "data_wait": self.comms.max(waited / max(seconds, 1e-9)),
                 "eta_s": (max(0.0, self.budget_s - elapsed) if math.isfinite(self.budget_s)
                           else elapsed / (self.epoch + 1) * (train.epochs - self.epoch - 1)),
@@ -270,7 +271,11 @@ class JointTrainer:
             batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=SHUFFLE_BUFFER,
             local_shuffle_seed=stream_seed(cfg.seed, SHUFFLE, self.epoch, rank))
         if self.augment is not None:
-            batches = self.augment.ahead(batches, lambda i: stream_seed(cfg.seed, AUGMENT, self.epoch, rank, i))
+            seed = lambda i: stream_seed(cfg.seed, AUGMENT, self.epoch, rank, i)  # noqa: E731
+            # Ahead in a thread only where the step runs on a GPU: on the CPU the step's threads already fill
+            # the worker's cores, and a second thread's torch work slows the step more than it hides.
+            batches = (self.augment.ahead(batches, seed) if self.comms.device.type == "cuda"
+                       else self.augment.in_line(batches, seed))
         waited, ready = 0.0, started
         for raw in batches:
             waited += time.perf_counter() - ready
