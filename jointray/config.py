@@ -377,6 +377,10 @@ class TrainConfig(_Section):
         None, gt=0, description="null: 1, or less when that would leave no CPU for the Ray Data pipeline"
     )
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads per worker; null: from its CPUs")
+    resident_mb: float = Field(
+        2048, ge=0, description="a worker whose share of the training cases fits in this many MiB streams it from "
+        "Ray Data once and keeps it in memory, re-shuffled every epoch (jointray/data/resident.py); a larger share "
+        "streams every epoch. 0: always stream")
     max_failures: int = Field(2, ge=0, description="worker failures to recover from (restart from the last checkpoint)")
     keep_checkpoints: int = Field(2, ge=1, description="best-k checkpoints kept by validation score")
     patience: int | None = Field(10, ge=1, description="epochs without a better validation score before stopping")

@@ -138,14 +138,17 @@ def _assert_resume_matches(train_cohort, tmp_path, *extra, fault_at: int, rtol=0
     return clean, faulty
 
 
-def test_a_resumed_run_ends_bit_identical_to_the_uninterrupted_run(train_cohort, tmp_path):
-    # Augmentation, dropout and the shuffle buffer all draw random numbers: each must continue exactly.
+@pytest.mark.parametrize("resident_mb", [2048, 0], ids=["shard in memory", "shard streamed every epoch"])
+def test_a_resumed_run_ends_bit_identical_to_the_uninterrupted_run(train_cohort, tmp_path, resident_mb):
+    # Augmentation, dropout and the shuffle (the resident shard's permutation, or the streaming shuffle
+    # buffer) all draw random numbers: each must continue exactly.
     # 15 training subjects in batches of 4 = 4 steps an epoch. The crash comes at step 5, the first after
     # epoch 0's checkpoint was reported, sooner than Ray's controller polls for it: the run must still
     # restart from that checkpoint, not from scratch.
     # The weights' moving average (train.ema) is part of the state that must continue exactly.
     clean, faulty = _assert_resume_matches(train_cohort, tmp_path, "train.epochs=2", "train.augment.enabled=true",
-                                           "train.augment.affine_prob=0.5", "train.ema=0.9", fault_at=5)
+                                           "train.augment.affine_prob=0.5", "train.ema=0.9",
+                                           f"train.resident_mb={resident_mb}", fault_at=5)
     assert _same_metrics(clean.final_metrics, faulty.final_metrics) == []
     state = _last_checkpoint(tmp_path / "clean").state
     assert state["ema_updates"] == 8  # one update a step

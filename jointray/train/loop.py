@@ -35,6 +35,7 @@ from jointray.artifacts import read_checkpoint, write_checkpoint
 from jointray.config import Config
 from jointray.data.augment import AUGMENT, RESTART, SHUFFLE, Augmenter, stream_seed
 from jointray.data.clinical import ClinicalSchema
+from jointray.data.resident import ResidentShard
 from jointray.data.spec import PreprocessSpec
 from jointray.losses.joint import JointLoss
 from jointray.metrics.cohort import validation_keys, validation_metrics
@@ -243,6 +244,7 @@ class JointTrainer:
         self.ema = None if cfg.train.ema is None else AveragedModel(
             self.unwrapped, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True)
         self.augment = Augmenter(cfg.train.augment) if cfg.train.augment.enabled else None
+        self.resident: ResidentShard | None = None
         self.structures = {k: v for k, v in cfg.data.label_names.items() if k != 0}
         self.fault_marker = Path(lc["fault_marker"]) if lc.get("fault_marker") else None
 
@@ -267,9 +269,14 @@ class JointTrainer:
         counts: dict[str, int] = {}
         cases, started = 0, time.perf_counter()
         self.skipped, self.epoch_steps = 0, 0
-        batches = ray.train.get_dataset_shard("train").iter_batches(
-            batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=SHUFFLE_BUFFER,
-            local_shuffle_seed=stream_seed(cfg.seed, SHUFFLE, self.epoch, rank))
+        shuffle = stream_seed(cfg.seed, SHUFFLE, self.epoch, rank)
+        shard = ray.train.get_dataset_shard("train")
+        if self.loop_config["resident"]:  # streamed once (after every start), then dealt from memory
+            self.resident = self.resident or ResidentShard.gather(shard.iter_batches(batch_format="numpy"))
+            batches = self.resident.batches(cfg.batch_size, shuffle)
+        else:
+            batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
+                                         local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=shuffle)
         if self.augment is not None:
             seed = lambda i: stream_seed(cfg.seed, AUGMENT, self.epoch, rank, i)  # noqa: E731
             # Ahead in a thread only where the step runs on a GPU: on the CPU the step's threads already fill

@@ -33,6 +33,7 @@ from jointray.artifacts import META_FILE, export_checkpoint
 from jointray.config import Config, ConfigError, config_from_tree
 from jointray.data.clinical import ClinicalSchema
 from jointray.data.provenance import check_shards_match
+from jointray.data.resident import shard_row_bytes
 from jointray.data.shards import CLINICAL_PREFIX, SHARDS_DIR, SPEC_FILE, read_spec
 from jointray.data.streaming import DATA_TASK_CPUS, split_subjects, train_val_datasets
 from jointray.models import build_model
@@ -225,12 +226,15 @@ def run_training(cfg: Config, announce=print, cpus: float | None = None,
     schema = fit_clinical_schema(prepared, train_ids)
     train_ds, val_ds = train_val_datasets(prepared, cfg.train)
     steps_per_epoch = math.ceil(len(train_ids) / cfg.train.workers / cfg.train.batch_size)
+    shard_mb = shard_row_bytes(prepared) * math.ceil(len(train_ids) / cfg.train.workers) / 2**20
+    resident = shard_mb <= cfg.train.resident_mb
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.model_dump_json(), "spec": spec.model_dump_json(), "schema": schema.model_dump_json(),
             "trained_heads": heads_with_targets(prepared, train_ids, cfg.model.heads),
             "steps_per_epoch": steps_per_epoch, "threads": cfg.train.threads_per_worker,
+            "resident": resident,
             "fault_marker": str(Path(run_path, FAULT_MARKER)) if local else None,
             "tensorboard_dir": str(Path(run_path, "tensorboard")) if local else None,
             "history_file": str(Path(run_path, HISTORY_FILE)) if local else None,
@@ -259,7 +263,8 @@ def run_training(cfg: Config, announce=print, cpus: float | None = None,
     announce(f"training {cfg.model.variant} on {cfg.train.workers} worker(s) "
              f"({'GPU' if placement.use_gpu else 'CPU'}, {placement.cpus_per_worker:g} CPU and "
              f"{placement.threads_per_worker} thread(s) each): {len(train_ids)} training, {len(val_ids)} "
-             f"validation subjects, {steps_per_epoch} steps per epoch")
+             f"validation subjects, {steps_per_epoch} steps per epoch; each worker's {shard_mb:.0f} MiB of training "
+             f"data {'held in memory' if resident else 'streamed every epoch'} (train.resident_mb)")
     result = trainer.fit()
     last = result.metrics or {}
     if last.get("diverged"):
