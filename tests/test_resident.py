@@ -51,8 +51,8 @@ def test_an_empty_shard_is_refused():
 
 
 def test_the_size_estimate_is_what_a_worker_holds_in_memory(rows):
-    # The estimate (from the Parquet footers) decides whether a worker keeps its shard; it must be the
-    # uncompressed size (a label compresses tenfold), within a few per cent of the NumPy columns' bytes.
+    # The estimate decides whether a worker keeps its shard: it must be the decoded size, within a few per cent
+    # of the NumPy columns' bytes (the Parquet footers' sizes undercount: a run-length-encoded label is tiny).
     prepared, columns = rows
     held = sum(v.nbytes for v in columns.values() if v.dtype != object) / len(columns["subject_id"])
     assert shard_row_bytes(prepared) == pytest.approx(held, rel=0.05)

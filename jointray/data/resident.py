@@ -1,8 +1,8 @@
 """A training worker's shard held in its memory: streamed from Ray Data once, re-shuffled every epoch.
 
 Streaming the shard anew each epoch runs Ray Data's read tasks, the split between workers and a local
-shuffle on the cores the training step computes on; on a 2-core machine that cost about a tenth of the
-epoch (benchmarks/README.md). A shard that fits in memory is therefore streamed once, kept as NumPy columns,
+shuffle on the cores the training step computes on, a share of every epoch on a small CPU machine
+(benchmarks/README.md). A shard that fits in memory is therefore streamed once, kept as NumPy columns,
 and every epoch deals it out in a permutation seeded by (seed, epoch, rank), a full shuffle where the
 streaming one mixes only a buffer's worth of rows. The rows are kept sorted by subject, so the batches
 depend on which rows the worker holds, never on the order they arrived in: a worker restarted from a
