@@ -129,6 +129,20 @@ def test_segmentation_per_sample_spacing_and_structure_subset():
     assert not torch.equal(ours["hd95/2"], segmentation_metrics(pred, target, [2], (1.0, 1.0, 1.0))["hd95/2"])
 
 
+@pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")  # MONAI-internal deprecation
+def test_segmentation_computes_only_the_distances_asked_for():
+    pred, target = _blob_labels(np.random.default_rng(2))
+    full = segmentation_metrics(pred, target, STRUCTURES, SPACING)
+    hd95_only = segmentation_metrics(pred, target, STRUCTURES, SPACING, distances=("hd95",))
+    assert set(full) - set(hd95_only) == {f"assd/{name}" for name in STRUCTURES.values()}
+    for key, values in hd95_only.items():
+        torch.testing.assert_close(values, full[key], rtol=0, atol=0)
+    overlaps = segmentation_metrics(pred, target, STRUCTURES, SPACING, distances=())
+    assert {key.split("/")[0] for key in overlaps} == {"dice", "iou", "missed"}
+    with pytest.raises(ValueError, match="hd99"):
+        segmentation_metrics(pred, target, STRUCTURES, SPACING, distances=("hd99",))
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_cubes_offset_along_thick_axis(k):
     """Two 6³ cubes, one shifted by k voxels along the 2.5 mm axis: the cap the other cube does not

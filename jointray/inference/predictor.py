@@ -295,7 +295,7 @@ class Predictor:
         if case.label is not None:
             spacing = geometry.original_spacing
             seg = segmentation_metrics(torch.from_numpy(prediction.mask[None]), torch.from_numpy(case.label[None]),
-                                       self.structures, spacing)
+                                       self.structures, spacing, distances=("hd95",))
             prediction.metrics = {k: float(v[0]) for k, v in seg.items() if k.split("/")[0] in ("dice", "hd95")}
             ref = np.bincount(case.label.ravel(), minlength=max(self.structures) + 1)
             prediction.metrics |= {f"volume_ref/{name}": float(ref[k]) * voxel_mm3

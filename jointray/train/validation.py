@@ -29,7 +29,7 @@ def predict_cases(model: JointModel, batches: Iterable[ModelBatch], cross: float
 
     Returns:
         Rows for :func:`jointray.metrics.cohort.validation_metrics`: ``subject_id``, ``has_label``, the
-        targets, ``dice/``, ``iou/``, ``hd95/``, ``assd/`` and ``missed/<structure>`` where the batch has
+        targets, ``dice/``, ``iou/``, ``hd95/`` and ``missed/<structure>`` where the batch has
         a label, and ``pred_mmse``, ``pred_cdr``, ``pred_risk`` for the model's heads.
     """
     model.eval()
@@ -39,7 +39,9 @@ def predict_cases(model: JointModel, batches: Iterable[ModelBatch], cross: float
             out = model(b.image, b.clinical, cross, b.voxel_volume)
         per_case: dict[str, Any] = {}
         if out.seg is not None and bool(b.targets.has_label.any()):
-            seg = segmentation_metrics(out.seg[0].float().argmax(1).cpu(), b.targets.label.cpu(), structures, b.spacing)
+            # HD95 is the one distance validation reports (validation_metrics); ASSD would double the cost.
+            seg = segmentation_metrics(out.seg[0].float().argmax(1).cpu(), b.targets.label.cpu(), structures,
+                                       b.spacing, distances=("hd95",))
             per_case |= {k: v.tolist() for k, v in seg.items()}
         for name in ("mmse", "risk"):
             if name in out.outcomes:
