@@ -17,7 +17,9 @@ server.
 
 An **ensemble** folder (:func:`write_ensemble`; ``jointray train --all-folds`` writes one beside its
 folds) holds ``ensemble.json``: its members (checkpoints or exported models, as paths relative to the
-folder) and the post-processing chosen on their out-of-fold predictions. The members answer as one,
+folder), the post-processing chosen on their out-of-fold predictions and, when ``jointray calibrate``
+wrote it, the :class:`~jointray.trust.Calibration` fitted on held-back cases (a calibrated single model
+is an ensemble of one). The members answer as one,
 their class probabilities averaged (nnU-Net's cross-validation ensemble, Isensee et al. 2021).
 
 :func:`load_model` reads a checkpoint or an exported artifact into a :class:`ModelArtifact`,
@@ -45,6 +47,7 @@ from jointray.config import Config
 from jointray.data.clinical import ClinicalSchema
 from jointray.data.spec import PreprocessSpec
 from jointray.storage import Storage, cache_root, is_uri
+from jointray.trust.calibration import Calibration
 
 STATE_FILE = "checkpoint.pt"
 META_FILE = "meta.json"
@@ -309,7 +312,7 @@ def read_config(folder: str | Path) -> Config:
     reading its weights. ``folder`` may be a URI (:func:`local_model`)."""
     folder = local_model(folder)
     if (folder / ENSEMBLE_FILE).is_file():
-        return read_config(_ensemble_manifest(folder)[0][0])
+        return read_config(ensemble_manifest(folder)[0][0])
     if (folder / ARTIFACT_FILE).is_file() and (folder / "config.yaml").is_file():
         return Config.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
     if (folder / META_FILE).is_file():
@@ -341,20 +344,23 @@ class Ensemble:
     ``largest_component``: the structures (label names) of which only the largest connected component is
     kept after prediction; ``version``: the model's id for clients — the member's own, or a digest of the
     members' for several; ``metrics``: the member's validation metrics, or an ensemble folder's
-    out-of-fold figures (``out_of_fold/...``).
+    out-of-fold figures (``out_of_fold/...``); ``calibration``: what ``jointray calibrate`` fitted, or None.
     """
 
     members: list[ModelArtifact]
     largest_component: list[str]
     version: str
     metrics: dict[str, float]
+    calibration: Calibration | None = None
 
 
 def write_ensemble(folder: str | Path, members: list[str | Path], largest_component: list[str],
-                   cross_validation: dict[str, float] | None = None) -> Path:
+                   cross_validation: dict[str, float] | None = None,
+                   calibration: Calibration | None = None) -> Path:
     """Write ``<folder>/ensemble.json`` listing ``members`` (made relative to ``folder`` where they lie under
     it, so the folder can move) after checking they load together; ``cross_validation``: the out-of-fold
-    figures behind ``largest_component`` (the ensemble's metrics, ``out_of_fold/<name>``). Returns the folder."""
+    figures behind ``largest_component`` (the ensemble's metrics, ``out_of_fold/<name>``); ``calibration``:
+    what ``jointray calibrate`` fitted for these members. Returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     listed = []
@@ -365,24 +371,27 @@ def write_ensemble(folder: str | Path, members: list[str | Path], largest_compon
     manifest = {"format": ENSEMBLE_FORMAT, "format_version": 1, "members": listed,
                 "postprocess": {"largest_component": list(largest_component)},
                 "cross_validation": cross_validation or {}}
+    if calibration is not None:
+        manifest["calibration"] = json.loads(calibration.model_dump_json())
     _write_text_atomic(folder / ENSEMBLE_FILE, json.dumps(manifest, indent=2) + "\n")
     load_models(folder)
     return folder
 
 
-def _ensemble_manifest(folder: Path) -> tuple[list[Path], list[str], dict[str, float]]:
-    """(member folders, largest-component structures, out-of-fold metrics) of an ensemble folder."""
+def ensemble_manifest(folder: Path) -> tuple[list[Path], list[str], dict[str, float], Calibration | None]:
+    """(member folders, largest-component structures, out-of-fold metrics, calibration) of an ensemble folder."""
     path = folder / ENSEMBLE_FILE
     try:
         manifest = json.loads(path.read_text())
         members = [folder / member for member in manifest["members"]]
         largest = list(manifest["postprocess"]["largest_component"])
         metrics = {f"out_of_fold/{k}": float(v) for k, v in manifest.get("cross_validation", {}).items()}
+        calibration = Calibration.model_validate(manifest["calibration"]) if "calibration" in manifest else None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: not a {ENSEMBLE_FORMAT} manifest ({type(exc).__name__}: {exc})") from exc
     if manifest.get("format") != ENSEMBLE_FORMAT or not members:
         raise CheckpointError(f"{path}: not a {ENSEMBLE_FORMAT} manifest, or it lists no members")
-    return members, largest, metrics
+    return members, largest, metrics, calibration
 
 
 def _features(schema: ClinicalSchema) -> tuple[list[str], list[str]]:
@@ -401,12 +410,13 @@ def load_models(source: str | Path | list[str | Path], map_location: str | torch
     folders: list[Path] = []
     largest: list[str] = []
     metrics: dict[str, float] = {}
+    calibration = None
     for path in sources:
         if (path / ENSEMBLE_FILE).is_file():
-            members, largest_here, metrics_here = _ensemble_manifest(path)
+            members, largest_here, metrics_here, calibration_here = ensemble_manifest(path)
             folders += members
-            if len(sources) == 1:
-                largest, metrics = largest_here, metrics_here
+            if len(sources) == 1:  # a calibration holds for the members it was fitted on, not for a mix
+                largest, metrics, calibration = largest_here, metrics_here, calibration_here
         else:
             folders.append(path)
     members = [load_model(folder, map_location) for folder in folders]
@@ -427,4 +437,7 @@ def load_models(source: str | Path | list[str | Path], map_location: str | torch
                               f"{sorted(unknown)}")
     version = first.version if len(members) == 1 else hashlib.sha256(
         " ".join(m.version for m in members).encode()).hexdigest()[:12]
-    return Ensemble(members=members, largest_component=largest, version=version, metrics=metrics)
+    if calibration is not None:  # the same weights calibrated anew answer differently: a new id
+        version = hashlib.sha256(f"{version} {calibration.model_dump_json()}".encode()).hexdigest()[:12]
+    return Ensemble(members=members, largest_component=largest, version=version, metrics=metrics,
+                    calibration=calibration)

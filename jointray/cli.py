@@ -254,11 +254,13 @@ def evaluate(
     workers: int = typer.Option(None, "--workers", min=1, help="Ray Data actors, at least 1 (default: one per CPU "
                                 "of the Ray cluster); never more than its CPUs or the cases"),
     batch_size: int = typer.Option(2, "--batch-size", min=1),
-    tta: bool = typer.Option(True, "--tta/--no-tta", help="test-time mirroring along the axes training mirrored"),
-    mc_samples: int = typer.Option(1, "--mc-samples", min=1, help="Monte Carlo dropout samples per case: per-case "
-                                   "intervals (volumes, MMSE, risk) and their coverage"),
+    tta: bool = typer.Option(None, "--tta/--no-tta", help="test-time mirroring along the axes training mirrored "
+                             "(default: on, or as a calibrated model was calibrated)"),
+    mc_samples: int = typer.Option(None, "--mc-samples", min=1, help="Monte Carlo dropout samples per case: per-case "
+                                   "intervals (volumes, MMSE, risk) and their coverage (default: 1, or as a "
+                                   "calibrated model was calibrated)"),
     mc_mode: str = typer.Option(None, "--mc-mode", help="full, decoder or heads (default: the config's "
-                                "inference.mc_mode)"),
+                                "inference.mc_mode, or a calibrated model's)"),
     address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
 ) -> None:
     """Run a model over a dataset on Ray Data: masks in each input's own space, per-case CSV, JSON summary."""
@@ -282,6 +284,56 @@ def evaluate(
     if report.predicted == 0:
         console.print("[red]error:[/red] no input could be predicted; see the summary")
         raise typer.Exit(1)
+
+
+@app.command()
+def calibrate(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="checkpoint, exported model or ensemble to calibrate"),
+    data: Path = typer.Option(..., "--data", help="labelled calibration cases (MSD folder, manifest, ...): "
+                              "disjoint from the cases that trained the model and chose its checkpoint"),
+    out: Path = typer.Option(..., "--out", help="the calibrated model: a folder with ensemble.json"),
+    labels: Path = typer.Option(None, "--labels", help="for a NIfTI folder: reference labels under the same names"),
+    level: float = typer.Option(0.9, "--level", min=0.5, max=0.99, help="coverage of the intervals"),
+    failure_dice: float = typer.Option(0.8, "--failure-dice", min=0.0, max=1.0,
+                                       help="a case fails when a structure's Dice is below this"),
+    review_alpha: float = typer.Option(0.05, "--review-alpha", min=0.001, max=0.5,
+                                       help="bound on the chance that a case fails and is not flagged"),
+    ood_alpha: float = typer.Option(0.02, "--ood-alpha", min=0.001, max=0.5,
+                                    help="bound on the chance that a case like the calibration cases is flagged "
+                                    "as out of distribution"),
+    scaling: str = typer.Option("auto", "--scaling", help="voxel probability scaling: auto (by held-out NLL), none, "
+                                "temperature, class_temperature or vector"),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="test-time mirroring, as it will be served"),
+    mc_samples: int = typer.Option(20, "--mc-samples", min=1, help="Monte Carlo samples, as they will be served"),
+    mc_mode: str = typer.Option(None, "--mc-mode", help="full, decoder or heads (default: the config's)"),
+    workers: int = typer.Option(None, "--workers", min=1, help="Ray Data actors (default: one per CPU)"),
+    address: str = typer.Option(None, "--address", help=ADDRESS_HELP),
+) -> None:
+    """Fit calibrated probabilities, conformal intervals, a risk-controlled review flag and an
+    out-of-distribution test on held-back cases; write the calibrated model."""
+    with _usage_errors():
+        check_evaluate(checkpoint, data, labels)
+    from jointray.artifacts import CheckpointError
+    from jointray.config import RayConfig
+    from jointray.inference.calibrate import calibrate as run_calibration
+    from jointray.runtime import init_ray
+
+    init_ray(RayConfig(address=address))
+    with _usage_errors(CheckpointError):
+        calibration, folder = run_calibration(checkpoint, data, out, level, failure_dice, review_alpha, ood_alpha,
+                                              scaling, tta, mc_samples, mc_mode, workers, labels)
+    table = Table(title=f"jointray calibrate: {calibration.cases} cases of {data}", show_header=False)
+    mask = "the calibrated argmax" if calibration.mask_calibrated else "unchanged"
+    table.add_row("voxel scaling", f"{calibration.scaling_method} (mask {mask})")
+    for key, value in calibration.fit_metrics.items():
+        table.add_row(key, f"{value:.4f}")
+    table.add_row("intervals", ", ".join([*calibration.volume, *(["mmse"] if calibration.mmse else []),
+                                          *(["cdr set"] if calibration.cdr else [])]) or "none")
+    table.add_row("review threshold", f"predicted Dice < {calibration.review_threshold:.3f}")
+    console.print(table)
+    console.print(calibration.coverage_sentence())
+    console.print(calibration.review_sentence())
+    console.print(f"calibrated model: {folder}")
 
 
 @app.command()

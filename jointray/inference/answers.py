@@ -51,8 +51,36 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _bounds(e: Estimate) -> list[float | None]:
+    return [_finite(v) for v in e.interval]  # ±inf (too few calibration cases for the level) is null in JSON
+
+
 def _estimate(e: Estimate) -> dict[str, Any]:
-    return {"point": e.point, "mean": e.mean, "std": e.std, "interval": list(e.interval)}
+    return {"point": e.point, "mean": e.mean, "std": e.std, "interval": _bounds(e), "interval_method": e.method}
+
+
+#: What an uncalibrated model's intervals and flag are, said where they are shown.
+UNCALIBRATED = ("This model is not calibrated (`jointray calibrate`): its intervals are Monte Carlo quantiles and "
+                "its review flag fixed limits; neither has a coverage or miss-rate guarantee.")
+
+
+def trust_summary(predictor: Predictor, prediction: CasePrediction) -> dict[str, Any]:
+    """What the answer's figures promise: the calibration's sentences, or that there is none."""
+    calibration = predictor.calibration
+    if calibration is None:
+        return {"calibrated": False, "statement": UNCALIBRATED}
+    methods = {e.method for e in [*prediction.volume_estimates.values(),
+                                  *(prediction.outcome_estimates.get(n) for n in ("mmse",))] if e is not None}
+    summary = {"calibrated": True, "level": predictor.inference.interval, "calibration_cases": calibration.cases,
+               "voxel_scaling": calibration.scaling_method, "interval_methods": sorted(methods),
+               "statement": calibration.coverage_sentence(predictor.inference.interval),
+               "review_statement": calibration.review_sentence(), "ood_statement": calibration.ood_sentence(),
+               "ood_p_value": _finite(prediction.ood_p)}
+    if "conformal" in methods:
+        summary["note"] = (f"Calibrated with {calibration.settings.mc_samples} Monte Carlo samples ({calibration.settings.mc_mode}"
+                           f", mirroring {'on' if calibration.settings.mirror else 'off'}); this request ran otherwise, "
+                           "so its intervals have one width for every case (still conformal).")
+    return summary
 
 
 def answer(predictor: Predictor, case: PreparedCase, prediction: CasePrediction,
@@ -61,13 +89,14 @@ def answer(predictor: Predictor, case: PreparedCase, prediction: CasePrediction,
     needs_review, reasons = predictor.review(prediction)
     structures = {
         name: {"volume_mm3": {"mask": prediction.volumes_mm3[name], "mean": est.mean, "std": est.std,
-                              "interval": list(est.interval)},
+                              "interval": _bounds(est), "interval_method": est.method},
+               "predicted_dice": _finite(prediction.predicted_dice.get(name, math.nan)),
                "uncertainty": {k: _finite(v) for k, v in prediction.uncertainty[name].items()}}
         for name, est in prediction.volume_estimates.items()
     }
     outcomes: dict[str, Any] = {}
     for name, value in prediction.outcome_estimates.items():
-        outcomes[name] = value if name == "cdr" else _estimate(value)
+        outcomes[name] = value if isinstance(value, dict) else _estimate(value)
     geometry = case.geometry
     return {
         "model": {"name": predictor.config.train.name, "variant": predictor.config.model.variant,
@@ -79,8 +108,13 @@ def answer(predictor: Predictor, case: PreparedCase, prediction: CasePrediction,
         "structures": structures,
         "outcomes": outcomes,
         "needs_review": needs_review,
-        "review": {"reasons": reasons, "entropy_threshold": predictor.inference.review_entropy,
-                   "volume_cv_threshold": predictor.inference.review_volume_cv},
+        "review": {"reasons": reasons} | (
+            {"predicted_dice_threshold": _finite(predictor.calibration.review_threshold),
+             "failure_dice": predictor.calibration.failure_dice, "alpha": predictor.calibration.review_alpha}
+            if predictor.calibration is not None else
+            {"entropy_threshold": predictor.inference.review_entropy,
+             "volume_cv_threshold": predictor.inference.review_volume_cv}),
+        "trust": trust_summary(predictor, prediction),
         "timings_s": {k: round(v, 4) for k, v in seconds.items()},
     }
 

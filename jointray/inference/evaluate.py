@@ -14,6 +14,8 @@ mean volumes over all, outcome scores over cases with a target.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import time
@@ -63,10 +65,15 @@ class EvaluationReport:
     # region ("all", "foreground") → summed voxel reliability bins (jointray.metrics.calibration)
     reliability: dict[str, list[list[float]]] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    calibrated: bool = False  # the model carried a calibration (jointray calibrate)
+    # with collect_voxels: per labelled case, its voxel sample (probabilities (N, K), labels (N,)); not written
+    voxels: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    rows: list[dict[str, Any]] = field(default_factory=list, repr=False)  # the per-case rows of cases.csv
 
     def to_json(self) -> str:
         finite = {k: (v if math.isfinite(v) else None) for k, v in self.metrics.items()}
-        return json.dumps(asdict(self) | {"metrics": finite}, indent=2) + "\n"
+        kept = {k: v for k, v in asdict(self).items() if k not in ("voxels", "rows")}
+        return json.dumps(kept | {"metrics": finite}, indent=2) + "\n"
 
 
 def mask_names(records: list[CaseRecord]) -> list[str]:
@@ -88,10 +95,12 @@ def write_mask(prediction: CasePrediction, path: Path) -> None:
 class PredictorActor:
     """One Ray Data actor: a Predictor loaded once, applied to batches of serialised records."""
 
-    def __init__(self, checkpoint: list[str], masks_dir: str, threads: int, tta: bool, mc_samples: int, mc_mode: str):
+    def __init__(self, checkpoint: list[str], masks_dir: str, threads: int, tta: bool, mc_samples: int, mc_mode: str,
+                 collect_voxels: int = 0):
         torch.set_num_threads(threads)
         inference = read_config(checkpoint[0]).inference.model_copy(update={"mirror": tta})
         self.predictor = Predictor(checkpoint, inference=inference)
+        self.predictor.collect_voxels = collect_voxels
         self.masks_dir = Path(masks_dir)
         self.mc_samples, self.mc_mode = mc_samples, mc_mode
 
@@ -110,11 +119,25 @@ class PredictorActor:
                 flagged, reasons = self.predictor.review(result)
                 row |= {"needs_review": flagged, "review_reasons": "; ".join(reasons)}
             reliability = {region: bins.tolist() for region, bins in result.reliability.items()}
-            rows.append(json.dumps({"case": row, "reliability": reliability}))
+            payload = {"case": row, "reliability": reliability}
+            if result.voxels is not None:
+                payload["voxels"] = [_encode(array) for array in result.voxels]
+            rows.append(json.dumps(payload))
         return {"result": np.array(rows, dtype=object)}
 
 
-def summarize_cases(rows: list[dict[str, Any]], structures: dict[int, str], cdr_classes: int) -> dict[str, float]:
+def _encode(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _decode(text: str) -> np.ndarray:
+    return np.load(io.BytesIO(base64.b64decode(text)), allow_pickle=False)
+
+
+def summarize_cases(rows: list[dict[str, Any]], structures: dict[int, str], cdr_classes: int,
+                    failure_dice: float = 0.8) -> dict[str, float]:
     """The cohort metrics of ``summary.json`` from per-case rows (:meth:`CasePrediction.row`).
 
     Each labelled row first gets ``missed/<name>``: 1 where the predicted volume is 0 and the reference's
@@ -124,6 +147,7 @@ def summarize_cases(rows: list[dict[str, Any]], structures: dict[int, str], cdr_
         rows: per-case rows; labelled and unlabelled ones may come in any order.
         structures: label → name.
         cdr_classes: K of the model's CDR head.
+        failure_dice: a case whose worst structure scores below it failed (the review flag's figures).
 
     Returns:
         :func:`~jointray.metrics.cohort.validation_metrics` without its ``val/`` prefix (``cases``; per
@@ -145,7 +169,7 @@ def summarize_cases(rows: list[dict[str, Any]], structures: dict[int, str], cdr_
             values = [r[prefix + name] for r in rows if prefix + name in r]
             if values:
                 metrics[f"mean_{prefix}{name}_mm3"] = float(np.mean(values))
-    metrics |= volume_agreement(rows, structures) | trust_metrics(rows, structures, cdr_classes)
+    metrics |= volume_agreement(rows, structures) | trust_metrics(rows, structures, cdr_classes, failure_dice)
     if any("pred_risk" in r for r in rows):
         columns = [[r.get(k, math.nan) for r in rows] for k in ("pred_risk", "time", "event")]
         groups = risk_groups(*columns)
@@ -160,19 +184,27 @@ def _pool_size(requested: int | None, n_cases: int) -> int:
 
 def evaluate(checkpoint: str | Path | list[str | Path], data: str | Path, out: str | Path,
              labels: str | Path | None = None, workers: int | None = None, batch_size: int = 2,
-             tta: bool = True, mc_samples: int = 1, mc_mode: str | None = None) -> EvaluationReport:
+             tta: bool | None = None, mc_samples: int | None = None, mc_mode: str | None = None,
+             collect_voxels: int = 0) -> EvaluationReport:
     """Run ``checkpoint`` (a model, an ensemble, or a list of them to average) over ``data`` (needs a Ray
     instance; ``ray.init`` done by the caller); ``tta``: test-time mirroring (see
     :class:`~jointray.inference.predictor.Predictor`); ``mc_samples`` > 1: Monte Carlo samples per case
     (``mc_mode`` as in :data:`jointray.models.MC_MODES`, default the config's), for the per-case intervals
-    and the uncertainty figures."""
+    and the uncertainty figures. A calibrated model (``jointray calibrate``) defaults to the settings it was
+    calibrated under, others to mirroring and one pass. ``collect_voxels``: each labelled case hands back a
+    sample of that many voxels (:func:`~jointray.inference.predictor.calibration_voxels`), for fitting."""
     started = time.perf_counter()
     sources = [str(c) if is_uri(c) else str(Path(c).resolve())
                for c in (checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])]
-    members = load_models(sources).members  # a missing or corrupt model fails here, before any actor starts
+    loaded = load_models(sources)  # a missing or corrupt model fails here, before any actor starts
+    members, calibration = loaded.members, loaded.calibration
     cfg = members[0].config
+    defaults = calibration.settings if calibration is not None else None
+    tta = (defaults.mirror if defaults else True) if tta is None else tta
+    mc_samples = (defaults.mc_samples if defaults else 1) if mc_samples is None else mc_samples
     modes = MC_MODES if all(m.runtime == "torch" for m in members) else ("full",)  # a graph samples all or nothing
-    mc_mode = mc_mode or (cfg.inference.mc_mode if cfg.inference.mc_mode in modes else modes[0])
+    mc_mode = mc_mode or (defaults.mc_mode if defaults else None) or (
+        cfg.inference.mc_mode if cfg.inference.mc_mode in modes else modes[0])
     if mc_samples < 1 or mc_samples > cfg.inference.max_mc_samples or mc_mode not in modes:
         raise ConfigError(f"mc_samples={mc_samples} must be from 1 to inference.max_mc_samples="
                           f"{cfg.inference.max_mc_samples} and mc_mode={mc_mode!r} one of {list(modes)}")
@@ -185,6 +217,7 @@ def evaluate(checkpoint: str | Path | list[str | Path], data: str | Path, out: s
     masks_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     reliability: dict[str, np.ndarray] = {}
+    voxels: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     quarantined = list(scan.rejected)
     if scan.records:
         pool = _pool_size(workers, len(scan.records))
@@ -196,7 +229,7 @@ def evaluate(checkpoint: str | Path | list[str | Path], data: str | Path, out: s
             PredictorActor,
             fn_constructor_kwargs={"checkpoint": sources, "masks_dir": str(masks_dir.resolve()),
                                    "threads": max(1, int(cpus // pool)), "tta": tta, "mc_samples": mc_samples,
-                                   "mc_mode": mc_mode},
+                                   "mc_mode": mc_mode, "collect_voxels": collect_voxels},
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=pool),
             num_cpus=1,
@@ -208,12 +241,15 @@ def evaluate(checkpoint: str | Path | list[str | Path], data: str | Path, out: s
                 quarantined.append(Quarantined(**payload["quarantined"]))
             else:
                 rows.append(payload["case"])
+                if "voxels" in payload:
+                    voxels[payload["case"]["subject_id"]] = tuple(_decode(text) for text in payload["voxels"])
                 for region, bins in payload["reliability"].items():
                     reliability[region] = reliability.get(region, 0) + np.asarray(bins)
     rows.sort(key=lambda r: r["subject_id"])
     quarantined.sort(key=lambda q: (q.stage, q.path))
     structures = {k: v for k, v in data_cfg.label_names.items() if k != 0}
-    metrics = summarize_cases(rows, structures, cfg.model.cdr_classes) if rows else {}
+    failure_dice = calibration.failure_dice if calibration is not None else 0.8
+    metrics = summarize_cases(rows, structures, cfg.model.cdr_classes, failure_dice) if rows else {}
     metrics |= {f"voxel_ece/{region}": bins_calibration_error(bins) for region, bins in reliability.items()}
     pd.DataFrame(rows).to_csv(out / CASES_FILE, index=False)
     report = EvaluationReport(checkpoint=", ".join(map(redact, sources)), data=str(data),
@@ -221,6 +257,7 @@ def evaluate(checkpoint: str | Path | list[str | Path], data: str | Path, out: s
                               predicted=len(rows), quarantined=quarantined, metrics=metrics, out=str(out), tta=tta,
                               mc_samples=mc_samples, mc_mode=mc_mode, interval=cfg.inference.interval,
                               reliability={region: bins.tolist() for region, bins in reliability.items()},
-                              elapsed_s=round(time.perf_counter() - started, 2))
+                              elapsed_s=round(time.perf_counter() - started, 2), calibrated=calibration is not None,
+                              voxels=voxels, rows=rows)
     (out / SUMMARY_FILE).write_text(report.to_json())
     return report

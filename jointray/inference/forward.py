@@ -63,7 +63,9 @@ class ForwardResult:
     ``probabilities`` (K, X, Y, Z), ``entropy`` and ``mutual_information`` (X, Y, Z), float32, None for a
     model without segmentation; ``sample_volumes`` (T, K-1) mm³ of each structure in each sample;
     ``outcome_samples``: ``mmse``/``risk`` (T,), ``cdr`` (T, K) class probabilities; ``outcome_point``:
-    the deterministic ``mmse``, ``risk``, ``cdr_class`` and ``cdr_probabilities`` (K,).
+    the deterministic ``mmse``, ``risk``, ``cdr_class`` and ``cdr_probabilities`` (K,); ``sample_dice``
+    (K-1,): the mean Dice between each segmentation sample's mask and the deterministic mask, per structure
+    (None without segmentation samples).
     """
 
     probabilities: np.ndarray | None
@@ -74,6 +76,7 @@ class ForwardResult:
     outcome_point: dict[str, object] = field(default_factory=dict)
     path: str = "window"
     focus_start: tuple[int, int, int] | None = None
+    sample_dice: np.ndarray | None = None
 
 
 def mirror_sets(flip_axes: list[int]) -> list[tuple[int, ...]]:
@@ -123,6 +126,17 @@ def _structure_counts(probabilities: torch.Tensor, inside: torch.Tensor) -> torc
     return hits.flatten(-3).sum(-1)
 
 
+def _sample_dice(samples: torch.Tensor, point: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Dice of each sample's argmax against the point argmax, per structure: samples (n, B, K, X, Y, Z), point
+    (B, X, Y, Z) classes, ``inside`` (B, X, Y, Z) → (n, B, K-1); two empty masks agree (1)."""
+    classes = torch.arange(1, samples.shape[2], device=samples.device).view(-1, 1, 1, 1)
+    drawn = (samples.argmax(2).unsqueeze(2) == classes) & inside.unsqueeze(1)
+    reference = (point.unsqueeze(1) == classes) & inside.unsqueeze(1)
+    overlap = (drawn & reference).flatten(-3).sum(-1).float()
+    total = (drawn.flatten(-3).sum(-1) + reference.flatten(-3).sum(-1)).float()
+    return torch.where(total > 0, 2 * overlap / total.clamp_min(1), torch.ones_like(total))
+
+
 def _outcomes(outcomes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Head outputs (B,) / (B, K-1) CORAL logits → mmse, risk (B,) and cdr class probabilities (B, K), float32."""
     result = {name: outcomes[name].float() for name in ("mmse", "risk") if name in outcomes}
@@ -165,7 +179,7 @@ def window_forward(models: list[JointModel], image: torch.Tensor, clinical: list
     point_outcomes, cdr_class = _point_outcomes(points)
     point = points[0]
 
-    sum_probs = sum_entropy = None
+    sum_probs = sum_entropy = sum_dice = None
     volumes: list[torch.Tensor] = []  # (n, B, K-1) per chunk
     outcome_samples: dict[str, list[torch.Tensor]] = {name: [] for name in point_outcomes}
     segmentation_sampled = probabilities is not None and mode != "heads" and samples > 1
@@ -195,6 +209,8 @@ def window_forward(models: list[JointModel], image: torch.Tensor, clinical: list
                     h = entropy(p, 2).sum(0)
                     sum_entropy = h if sum_entropy is None else sum_entropy + h
                     volumes.append(_structure_counts(p, inside))
+                    agreement = _sample_dice(p, probabilities.argmax(1), inside).sum(0)
+                    sum_dice = agreement if sum_dice is None else sum_dice + agreement
         if probabilities is not None and not segmentation_sampled:
             volumes.append(_structure_counts(probabilities, inside).unsqueeze(0).expand(samples, -1, -1))
 
@@ -219,6 +235,7 @@ def window_forward(models: list[JointModel], image: torch.Tensor, clinical: list
             sample_volumes=None if sample_volumes is None else sample_volumes[:, b].cpu().numpy(),
             outcome_samples={name: value[:, b].cpu().numpy() for name, value in stacked.items()},
             outcome_point=point_b,
+            sample_dice=None if sum_dice is None else (sum_dice[b] / samples).cpu().numpy(),
         ))
     return results
 

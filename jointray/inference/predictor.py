@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from jointray.artifacts import CheckpointError, load_models
 from jointray.config import InferenceConfig
@@ -45,25 +47,47 @@ from jointray.metrics import reliability_bins, segmentation_metrics
 from jointray.models import MC_MODES, build_model
 from jointray.models.layout import image_in_layout, to_layout
 from jointray.precision import autocast_for
+from jointray.trust import quality as quality_features
+from jointray.trust.conformal import ConformalInterval
+from jointray.trust.ood import FEATURES as OOD_FEATURES
+from jointray.trust.ood import image_features
+from jointray.trust.ood import feature_key as ood_key
+
+
+#: How an interval was made: split-conformal normalised by the Monte Carlo SD, split-conformal with one
+#: width for all, or the central interval of the Monte Carlo samples (no coverage guarantee).
+INTERVAL_METHODS = ("conformal_normalised", "conformal", "monte_carlo")
 
 
 @dataclass
 class Estimate:
-    """A Monte Carlo estimate: the samples' mean and SD and a central interval of them; ``point`` is the
-    deterministic pass's value (the one that ``evaluate`` scores)."""
+    """A number with its spread: the Monte Carlo samples' mean and SD and an interval; ``point`` is the
+    deterministic pass's value (the one that ``evaluate`` scores). ``interval`` is split-conformal around
+    ``point`` where the model is calibrated (``method`` one of :data:`INTERVAL_METHODS`), else the samples'
+    central interval, which promises nothing."""
 
     point: float
     mean: float
     std: float
     interval: tuple[float, float]
+    method: str = "monte_carlo"
 
     @classmethod
-    def of(cls, point: float, samples: np.ndarray, level: float) -> Estimate:
+    def of(cls, point: float, samples: np.ndarray, level: float, conformal: ConformalInterval | None = None,
+           normalise: bool = False, low: float = -math.inf) -> Estimate:
+        """From the point value and the samples; with ``conformal`` its interval (σ-normalised with
+        ``normalise``: the samples came as the calibration's did), bounded below by ``low``."""
         samples = np.asarray(samples, dtype=np.float64)
-        tail = (1.0 - level) / 2.0
-        low, high = np.quantile(samples, [tail, 1.0 - tail])
-        return cls(point=float(point), mean=float(samples.mean()), std=float(samples.std()),
-                   interval=(float(low), float(high)))
+        std = float(samples.std())
+        if conformal is None:
+            tail = (1.0 - level) / 2.0
+            bounds, method = np.quantile(samples, [tail, 1.0 - tail]), "monte_carlo"
+        else:
+            normalise = normalise and conformal.normalised
+            bounds = conformal.interval([point], [std] if normalise else None, level, low=low)[0]
+            method = "conformal_normalised" if normalise else "conformal"
+        return cls(point=float(point), mean=float(samples.mean()), std=std,
+                   interval=(float(bounds[0]), float(bounds[1])), method=method)
 
 
 @dataclass
@@ -78,7 +102,13 @@ class CasePrediction:
     mean entropy and mutual information inside each predicted structure; ``reliability``, on labelled
     cases: :func:`~jointray.metrics.calibration.reliability_bins` of the voxel probabilities against the
     reference, over ``all`` voxels of the input grid and over the ``foreground`` (voxels that the
-    prediction or the reference calls a structure: the rest is confident background).
+    prediction or the reference calls a structure: the rest is confident background). ``quality_features``
+    (structure → :data:`jointray.trust.quality.FEATURES`) and ``ood_features``
+    (:data:`jointray.trust.ood.FEATURES`) are what a calibration is fitted on and applied to;
+    ``predicted_dice`` (structure → Dice) and ``ood_p`` (the conformal p-value of the input being like the
+    calibration cases) come from a calibrated model (NaN otherwise). ``voxels``: on labelled cases when the
+    predictor collects them, a sample of (uncalibrated probabilities (N, K), reference labels (N,)) near the
+    structures, for fitting the voxel calibration.
     """
 
     record: CaseRecord | None
@@ -97,14 +127,23 @@ class CasePrediction:
     mc_mode: str = "heads"
     seconds: dict[str, float] = field(default_factory=dict)
     reliability: dict[str, np.ndarray] = field(default_factory=dict)
+    quality_features: dict[str, dict[str, float]] = field(default_factory=dict)
+    ood_features: dict[str, float] = field(default_factory=dict)
+    predicted_dice: dict[str, float] = field(default_factory=dict)
+    ood_p: float = math.nan
+    voxels: tuple[np.ndarray, np.ndarray] | None = None
 
     def row(self) -> dict[str, Any]:
         """One flat per-case row: volumes, predictions, targets, errors and metrics (NaN = not available).
 
         The keys are those that :func:`jointray.metrics.cohort.validation_metrics` summarises, and
         ``entropy/<name>`` and ``mutual_information/<name>`` per structure, ``prob_cdr/<stage>``, with
-        ``mc_samples`` > 1 the intervals (``volume_low/<name>``, ``volume_high/<name>``, ``pred_mmse_low``,
-        ``pred_mmse_high``, ``pred_risk_low``, ``pred_risk_high``), and ``label`` (the reference's path).
+        ``mc_samples`` > 1 or a conformal interval the intervals (``volume_low/<name>``, ``volume_high/<name>``,
+        ``pred_mmse_low``, ``pred_mmse_high``, ``pred_risk_low``, ``pred_risk_high``) and the Monte Carlo SDs
+        (``volume_sd/<name>``, ``pred_mmse_sd``, ``pred_risk_sd``), ``cdr_set`` (a calibrated model's
+        conformal set of stages, joined by ``|``), the features of a calibration
+        (:func:`jointray.trust.quality.feature_key`, :func:`jointray.trust.ood.feature_key`),
+        ``predicted_dice/<name>`` and ``ood_p``, and ``label`` (the reference's path).
         """
         record = self.record
         row: dict[str, Any] = {"subject_id": record.subject_id if record else self.name,
@@ -114,14 +153,25 @@ class CasePrediction:
         for name, figures in self.uncertainty.items():
             row |= {f"{kind}/{name}": value for kind, value in figures.items()}
         row |= self.outcomes
-        if self.mc_samples > 1:  # one pass has no spread: its interval would be a point
-            for name, estimate in self.volume_estimates.items():
-                row[f"volume_low/{name}"], row[f"volume_high/{name}"] = estimate.interval
-            for name in ("mmse", "risk"):
-                if name in self.outcome_estimates:
-                    row[f"pred_{name}_low"], row[f"pred_{name}_high"] = self.outcome_estimates[name].interval
+        estimates = [(f"volume_{{}}/{name}", e) for name, e in self.volume_estimates.items()]
+        estimates += [(f"pred_{name}_{{}}", self.outcome_estimates[name]) for name in ("mmse", "risk")
+                      if name in self.outcome_estimates]
+        for key, estimate in estimates:
+            # One Monte Carlo pass has no spread: its own interval would be a point.
+            if self.mc_samples > 1 or estimate.method != "monte_carlo":
+                row[key.format("low")], row[key.format("high")] = estimate.interval
+            if self.mc_samples > 1:
+                row[key.format("sd")] = estimate.std
         if "cdr" in self.outcome_estimates:
             row |= {f"prob_cdr/{stage}": p for stage, p in self.outcome_estimates["cdr"]["probabilities"].items()}
+            if "set" in self.outcome_estimates["cdr"]:
+                row["cdr_set"] = "|".join(self.outcome_estimates["cdr"]["set"])
+        for name, features in self.quality_features.items():
+            row |= {quality_features.feature_key(name, f): v for f, v in features.items()}
+        row |= {ood_key(f): v for f, v in self.ood_features.items()}
+        row |= {f"predicted_dice/{name}": v for name, v in self.predicted_dice.items()}
+        if math.isfinite(self.ood_p):
+            row["ood_p"] = self.ood_p
         row["mc_samples"] = self.mc_samples
         if record is not None and record.label is not None:
             row["label"] = record.label
@@ -133,6 +183,31 @@ class CasePrediction:
         if "pred_cdr_stage" in row:
             row["cdr_correct"] = math.nan if math.isnan(row["cdr"]) else float(row["pred_cdr_stage"] == row["cdr"])
         return row | self.metrics
+
+
+def _entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Shannon entropy (nats) over the class axis 0 of (K, ...) probabilities, float32."""
+    p = probabilities.astype(np.float32)
+    return -(p * np.log(np.maximum(p, 1e-12))).sum(0)
+
+
+#: Voxels within this many voxels of a predicted or reference structure are where a calibration is fitted:
+#: the rest is background that every sensible model calls with certainty.
+CALIBRATION_MARGIN = 2
+
+
+def calibration_voxels(probabilities: np.ndarray, label: np.ndarray, limit: int,
+                       name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A sample of at most ``limit`` voxels of one labelled case for fitting a voxel calibration: those within
+    :data:`CALIBRATION_MARGIN` voxels of a structure that the prediction (probabilities (K, X, Y, Z)) or the
+    reference (``label``) draws, drawn uniformly (seeded by ``name``). Returns (N, K) float32 and (N,) int64."""
+    near = ndimage.binary_dilation((probabilities.argmax(0) > 0) | (label > 0), iterations=CALIBRATION_MARGIN)
+    index = np.flatnonzero(near)
+    if len(index) > limit:
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        index = np.sort(rng.choice(index, limit, replace=False))
+    flat = probabilities.reshape(len(probabilities), -1)
+    return np.ascontiguousarray(flat[:, index].T, dtype=np.float32), label.reshape(-1)[index].astype(np.int64)
 
 
 def clinical_columns(cases: list[PreparedCase], schema) -> dict[str, Any]:
@@ -161,6 +236,9 @@ class Predictor:
         ensemble = load_models(checkpoint, map_location=self.device)
         artifact = ensemble.members[0]
         self.version, self.metrics = ensemble.version, ensemble.metrics
+        self.calibration = ensemble.calibration
+        #: Labelled cases hand back at most this many voxels for fitting a calibration (0: none).
+        self.collect_voxels = 0
         self.config, self.spec, self.schema = artifact.config, artifact.spec, artifact.schema
         self.inference = inference or self.config.inference
         self.runtimes = runtimes = sorted({member.runtime for member in ensemble.members})
@@ -206,9 +284,11 @@ class Predictor:
         return self.preparer.path(source, clinical)
 
     def check_mc(self, mc_samples: int | None, mc_mode: str | None) -> tuple[int, str]:
-        """The request's MC settings, defaulted from config and checked against its limits (ValueError)."""
-        samples = self.inference.mc_samples if mc_samples is None else mc_samples
-        mode = mc_mode or (self.inference.mc_mode if self.inference.mc_mode in self.mc_modes else self.mc_modes[0])
+        """The request's MC settings, defaulted from the calibration (the settings its guarantees hold for) or
+        the config, and checked against the limits (ValueError)."""
+        defaults = self.calibration.settings if self.calibration is not None else self.inference
+        samples = defaults.mc_samples if mc_samples is None else mc_samples
+        mode = mc_mode or (defaults.mc_mode if defaults.mc_mode in self.mc_modes else self.mc_modes[0])
         limit = self.inference.max_mc_samples
         if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= limit:
             raise ValueError(f"mc_samples={samples!r}: expected an integer from 1 to {self.inference.max_mc_samples}")
@@ -257,54 +337,114 @@ class Predictor:
         prediction = CasePrediction(record=case.record, name=case.name, mask=None, affine=geometry.original_affine,
                                     path=result.path, mc_samples=samples, mc_mode=mode)
         point, drawn = result.outcome_point, result.outcome_samples
+        calibration = self.calibration
+        matched = calibration is not None and calibration.settings_match(bool(self.settings.mirrors), samples, mode)
         for name in ("mmse", "risk"):
             if name in point and name in self.trained_heads:
                 prediction.outcomes[f"pred_{name}"] = point[name]
-                prediction.outcome_estimates[name] = Estimate.of(point[name], drawn[name], level)
+                conformal = calibration.mmse if calibration is not None and name == "mmse" else None
+                prediction.outcome_estimates[name] = Estimate.of(point[name], drawn[name], level, conformal,
+                                                                 normalise=matched and samples > 1)
+        if "risk" in prediction.outcomes and calibration is not None and calibration.risk is not None:
+            absolute = calibration.risk
+            probability = float(absolute.probability(prediction.outcomes["pred_risk"]))
+            prediction.outcomes["pred_risk_probability"] = probability
+            prediction.outcome_estimates["risk_by_horizon"] = {"horizon": absolute.horizon,
+                                                               "probability": probability}
         if "cdr_class" in point and "cdr" in self.trained_heads:
             stage = float(class_to_cdr(torch.tensor([point["cdr_class"]]))[0])
             prediction.outcomes |= {"pred_cdr": float(point["cdr_class"]), "pred_cdr_stage": stage}
-            stages = class_to_cdr(torch.arange(len(point["cdr_probabilities"]))).tolist()
+            stages = [f"{s:g}" for s in class_to_cdr(torch.arange(len(point["cdr_probabilities"]))).tolist()]
             mean = drawn["cdr"].mean(0)
             prediction.outcome_estimates["cdr"] = {"stage": stage,
-                                                  "probabilities": {f"{s:g}": float(p) for s, p in zip(stages, mean)}}
+                                                  "probabilities": {s: float(p) for s, p in zip(stages, mean)}}
+            if calibration is not None and calibration.cdr is not None:
+                chosen = calibration.cdr.sets(mean, level)[0]
+                prediction.outcome_estimates["cdr"]["set"] = [s for s, keep in zip(stages, chosen) if keep]
         if result.probabilities is not None:
-            self._finish_segmentation(case, result, prediction, entropy_map, level)
+            self._finish_segmentation(case, result, prediction, entropy_map, level, matched and samples > 1)
         prediction.seconds = dict(case.seconds) | {"finish": time.perf_counter() - started}
         return prediction
 
     def _finish_segmentation(self, case: PreparedCase, result: ForwardResult, prediction: CasePrediction,
-                             entropy_map: bool, level: float) -> None:
-        geometry = case.geometry
-        probabilities = restore_to_original(result.probabilities, geometry, mode="linear")
-        prediction.mask = keep_largest_component(probabilities.argmax(0).astype(np.uint8), self.largest_component)
+                             entropy_map: bool, level: float, normalise: bool) -> None:
+        geometry, calibration = case.geometry, self.calibration
+        raw = result.probabilities
+        scaling = calibration.scaling if calibration is not None else None
+        # The calibration rescales the probabilities on the prepared grid, before they are mapped back: the
+        # map, the entropy and the features below are all the calibrated model's.
+        calibrated = scaling.apply(raw) if scaling is not None else raw
+        entropy = _entropy(calibrated) if scaling is not None else result.entropy
+        probabilities = restore_to_original(calibrated, geometry, mode="linear")
+        mask_source = raw if scaling is not None and not calibration.mask_calibrated else calibrated
+        decided = probabilities if mask_source is calibrated else restore_to_original(raw, geometry, mode="linear")
+        prediction.mask = keep_largest_component(decided.argmax(0).astype(np.uint8), self.largest_component)
         if entropy_map:
-            prediction.entropy = restore_to_original(result.entropy, geometry, mode="linear").astype(np.float32)
+            prediction.entropy = restore_to_original(entropy, geometry, mode="linear").astype(np.float32)
         voxel_mm3 = abs(float(np.linalg.det(geometry.original_affine[:3, :3])))
         counts = np.bincount(prediction.mask.ravel(), minlength=max(self.structures) + 1)
-        winner = np.where(self._inside(case), result.probabilities.argmax(0), 0)
+        inside = self._inside(case)
+        winner = np.where(inside, mask_source.argmax(0), 0)
         for k, name in self.structures.items():
             prediction.volumes_mm3[name] = float(counts[k]) * voxel_mm3
-            prediction.volume_estimates[name] = Estimate.of(prediction.volumes_mm3[name],
-                                                            result.sample_volumes[:, k - 1], level)
-            inside = winner == k
+            conformal = calibration.volume.get(name) if calibration is not None else None
+            estimate = Estimate.of(prediction.volumes_mm3[name], result.sample_volumes[:, k - 1], level, conformal,
+                                   normalise, low=0.0)
+            prediction.volume_estimates[name] = estimate
+            structure = winner == k
+            found = bool(structure.any())
             prediction.uncertainty[name] = {
-                "entropy": float(result.entropy[inside].mean()) if inside.any() else math.nan,
-                "mutual_information": float(result.mutual_information[inside].mean()) if inside.any() else math.nan,
+                "entropy": float(entropy[structure].mean()) if found else math.nan,
+                "mutual_information": float(result.mutual_information[structure].mean()) if found else math.nan,
             }
+            p = calibrated[k][inside]
+            prediction.quality_features[name] = {
+                "expected_dice": 2 * float(calibrated[k][structure].sum()) / (float(p.sum()) + int(structure.sum()))
+                if found else math.nan,
+                "entropy": prediction.uncertainty[name]["entropy"],
+                "mutual_information": prediction.uncertainty[name]["mutual_information"],
+                "disagreement": 1.0 - float(result.sample_dice[k - 1]) if result.sample_dice is not None and found
+                else (0.0 if found else math.nan),
+                "volume_cv": estimate.std / estimate.mean if estimate.mean > 0 else (0.0 if found else math.nan),
+            }
+        worst = min((f["expected_dice"] for f in prediction.quality_features.values()), default=math.nan)
+        prediction.ood_features = image_features(case.original[0]) | {
+            "foreground_fraction": float((prediction.mask > 0).mean()),
+            "expected_dice": worst if math.isfinite(worst) else 0.0}
+        if calibration is not None:
+            self._apply_quality(prediction)
         if case.label is not None:
-            spacing = geometry.original_spacing
-            seg = segmentation_metrics(torch.from_numpy(prediction.mask[None]), torch.from_numpy(case.label[None]),
-                                       self.structures, spacing, distances=("hd95",))
-            prediction.metrics = {k: float(v[0]) for k, v in seg.items() if k.split("/")[0] in ("dice", "hd95")}
-            ref = np.bincount(case.label.ravel(), minlength=max(self.structures) + 1)
-            prediction.metrics |= {f"volume_ref/{name}": float(ref[k]) * voxel_mm3
-                                   for k, name in self.structures.items()}
-            voxels = torch.from_numpy(np.ascontiguousarray(probabilities.reshape(len(probabilities), -1).T))
-            label = torch.from_numpy(case.label.reshape(-1).astype(np.int64))
-            foreground = torch.from_numpy(((probabilities.argmax(0) > 0) | (case.label > 0)).reshape(-1))
-            prediction.reliability = {"all": reliability_bins(voxels, label),
-                                      "foreground": reliability_bins(voxels[foreground], label[foreground])}
+            self._score(case, prediction, probabilities, voxel_mm3)
+
+    def _apply_quality(self, prediction: CasePrediction) -> None:
+        calibration = self.calibration
+        if calibration.quality is not None:
+            names = list(prediction.quality_features)
+            dice = calibration.quality.predict(quality_features.features_of(
+                {quality_features.feature_key(n, f): v for n in names
+                 for f, v in prediction.quality_features[n].items()}, names))
+            prediction.predicted_dice = {name: float(d) for name, d in zip(names, dice)}
+        if calibration.ood is not None:
+            prediction.ood_p = calibration.ood.p_value(np.array([prediction.ood_features[f] for f in OOD_FEATURES]))
+
+    def _score(self, case: PreparedCase, prediction: CasePrediction, probabilities: np.ndarray,
+               voxel_mm3: float) -> None:
+        """Metrics against the reference label, the voxel reliability bins and, when collecting, a voxel sample."""
+        geometry = case.geometry
+        spacing = geometry.original_spacing
+        seg = segmentation_metrics(torch.from_numpy(prediction.mask[None]), torch.from_numpy(case.label[None]),
+                                   self.structures, spacing, distances=("hd95",))
+        prediction.metrics = {k: float(v[0]) for k, v in seg.items() if k.split("/")[0] in ("dice", "hd95")}
+        ref = np.bincount(case.label.ravel(), minlength=max(self.structures) + 1)
+        prediction.metrics |= {f"volume_ref/{name}": float(ref[k]) * voxel_mm3
+                               for k, name in self.structures.items()}
+        voxels = torch.from_numpy(np.ascontiguousarray(probabilities.reshape(len(probabilities), -1).T))
+        label = torch.from_numpy(case.label.reshape(-1).astype(np.int64))
+        foreground = torch.from_numpy(((probabilities.argmax(0) > 0) | (case.label > 0)).reshape(-1))
+        prediction.reliability = {"all": reliability_bins(voxels, label),
+                                  "foreground": reliability_bins(voxels[foreground], label[foreground])}
+        if self.collect_voxels > 0:
+            prediction.voxels = calibration_voxels(probabilities, case.label, self.collect_voxels, case.name)
 
     @staticmethod
     def _inside(case: PreparedCase) -> np.ndarray:
@@ -315,20 +455,36 @@ class Predictor:
         return inside
 
     def review(self, prediction: CasePrediction) -> tuple[bool, list[str]]:
-        """Whether a person should look at this case, and why: a structure not found, one whose MC volume SD
-        exceeds ``inference.review_volume_cv`` of its mean, or one whose mean predictive entropy exceeds
-        ``inference.review_entropy``."""
-        reasons, limits = [], self.inference
+        """Whether a person should look at this case, and why.
+
+        A calibrated model (:mod:`jointray.trust`) flags an input unlike its calibration cases (conformal
+        p-value at most ``ood_alpha``), a structure not found, and a predicted worst-structure Dice below the
+        risk-controlled threshold; its sentences say what that guarantees. An uncalibrated one falls back on
+        fixed limits that guarantee nothing: a structure not found, a MC volume SD above
+        ``inference.review_volume_cv`` of its mean, a mean entropy above ``inference.review_entropy``."""
+        calibration, reasons = self.calibration, []
+        if calibration is not None and math.isfinite(prediction.ood_p) and prediction.ood_p <= calibration.ood_alpha:
+            features = np.array([prediction.ood_features[f] for f in OOD_FEATURES])
+            reasons.append(f"input unlike the calibration cases (p = {prediction.ood_p:.3f}): "
+                           f"{calibration.ood.reason(features)}")
+        limits = self.inference
         for name, volume in prediction.volumes_mm3.items():
             estimate, entropy = prediction.volume_estimates[name], prediction.uncertainty[name]["entropy"]
             if volume == 0:
                 reasons.append(f"{name}: not found")
+                continue
+            if calibration is not None:
                 continue
             if estimate.mean > 0 and estimate.std / estimate.mean > limits.review_volume_cv:
                 reasons.append(f"{name}: volume SD {estimate.std / estimate.mean:.0%} of its mean > "
                                f"{limits.review_volume_cv:.0%}")
             if entropy > limits.review_entropy:
                 reasons.append(f"{name}: mean entropy {entropy:.2f} > {limits.review_entropy:g} nats")
+        if calibration is not None and prediction.predicted_dice:
+            name, worst = min(prediction.predicted_dice.items(), key=lambda item: item[1])
+            if worst < calibration.review_threshold:
+                reasons.append(f"predicted Dice {worst:.2f} ({name}) below the review threshold "
+                               f"{calibration.review_threshold:.3f}")
         return bool(reasons), reasons
 
     # -- all three, for batch evaluation ---------------------------------------------------------------------

@@ -10,7 +10,16 @@
   the lowest mean Dice): a flag that sends a tenth of the cases to a person should catch the bad ones.
 * **Interval coverage** of the MMSE predictions: how often the Monte Carlo interval
   (``pred_mmse_low``, ``pred_mmse_high``) holds the true score, against its nominal level.
-* **CDR calibration**: top-label ECE of the predicted stage probabilities (``prob_cdr/<stage>``).
+* **CDR calibration**: top-label ECE of the predicted stage probabilities (``prob_cdr/<stage>``), and the
+  coverage and mean size of a calibrated model's conformal stage sets (``cdr_set``).
+* **Volume intervals**: per structure, how often [``volume_low/``, ``volume_high/``] holds the reference
+  volume, and the mean width.
+* **Predicted Dice** (a calibrated model, :mod:`jointray.trust.quality`): against the true worst-structure
+  Dice, the failure-detection AUROC (failure: worst Dice below ``failure_dice``; ``roc_auc_score`` of the
+  negated prediction), the risk–coverage curve's AURC and its optimum
+  (:func:`jointray.trust.risk_control.risk_coverage`), the mean absolute error of the prediction, and the
+  flag's **missed-failure rate**: the share of cases that failed and were not flagged, the figure that
+  conformal risk control bounds; and the share flagged as out of distribution (``ood_fraction``).
 
 Each figure is NaN where the rows lack what it needs (no labels, no MC intervals, no CDR head).
 Kendall M.G., "Rank correlation methods" (Spearman's ρ); Guo et al. ICML 2017 (ECE).
@@ -25,8 +34,11 @@ import numpy as np
 import torch
 from scipy import stats
 
+from sklearn.metrics import roc_auc_score
+
 from jointray.losses.ordinal import cdr_to_class
 from jointray.metrics.calibration import bins_calibration_error, reliability_bins
+from jointray.trust.risk_control import risk_coverage
 
 CDR_PREFIX = "prob_cdr/"
 
@@ -89,6 +101,56 @@ def mmse_interval_coverage(rows: list[dict[str, Any]]) -> dict[str, float]:
             "mmse_interval_width": float((high - low).mean()), "mmse_interval_cases": float(len(known))}
 
 
+def volume_interval_coverage(rows: list[dict[str, Any]], names: list[str]) -> dict[str, float]:
+    """Per structure ``volume_interval_coverage/<name>`` and ``volume_interval_width/<name>`` (mm³) over rows
+    with an interval and a reference volume."""
+    metrics: dict[str, float] = {}
+    for name in names:
+        known = [r for r in rows if f"volume_low/{name}" in r and math.isfinite(r.get(f"volume_ref/{name}", math.nan))]
+        if known:
+            low, high, true = (np.array([r[k] for r in known], np.float64)
+                               for k in (f"volume_low/{name}", f"volume_high/{name}", f"volume_ref/{name}"))
+            metrics[f"volume_interval_coverage/{name}"] = float(((low <= true) & (true <= high)).mean())
+            metrics[f"volume_interval_width/{name}"] = float((high - low).mean())
+    return metrics
+
+
+def cdr_set_coverage(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """``cdr_set_coverage`` and ``cdr_set_size`` (mean stages per set) over rows with a set and a true CDR."""
+    known = [r for r in rows if r.get("cdr_set") and math.isfinite(r.get("cdr", math.nan))]
+    if not known:
+        return {}
+    sets = [str(r["cdr_set"]).split("|") for r in known]
+    return {"cdr_set_coverage": float(np.mean([f"{r['cdr']:g}" in s for r, s in zip(known, sets)])),
+            "cdr_set_size": float(np.mean([len(s) for s in sets]))}
+
+
+def quality_and_flag(rows: list[dict[str, Any]], names: list[str], failure_dice: float = 0.8) -> dict[str, float]:
+    """The predicted Dice and the review flag against the truth, over labelled rows with ``predicted_dice/``
+    (see the module docstring): ``predicted_dice_mae``, ``failure_auroc`` (NaN without both outcomes),
+    ``aurc``, ``aurc_optimal``, ``failures``, ``missed_failure_rate``, and ``ood_fraction`` over every row
+    with an ``ood_p``."""
+    metrics: dict[str, float] = {}
+    scored = [r for r in rows if f"predicted_dice/{names[0]}" in r and f"dice/{names[0]}" in r]
+    if scored:
+        predicted = np.array([min(r[f"predicted_dice/{n}"] for n in names) for r in scored], np.float64)
+        true = np.array([min(r[f"dice/{n}"] for n in names) for r in scored], np.float64)
+        failed = true < failure_dice
+        curve = risk_coverage(predicted, true)
+        metrics |= {"predicted_dice_mae": float(np.abs(predicted - true).mean()), "aurc": curve["aurc"],
+                    "aurc_optimal": curve["optimal_aurc"], "failures": float(failed.sum()),
+                    "failure_auroc": float(roc_auc_score(failed, -predicted)) if 0 < failed.sum() < len(failed)
+                    else math.nan}
+        if all("needs_review" in r for r in scored):
+            flagged = np.array([bool(r["needs_review"]) for r in scored])
+            metrics["missed_failure_rate"] = float((failed & ~flagged).mean())
+    with_p = [r for r in rows if math.isfinite(r.get("ood_p", math.nan))]
+    if with_p:
+        metrics["ood_fraction"] = float(np.mean([str(r.get("review_reasons", "")).startswith("input unlike")
+                                                 for r in with_p]))
+    return metrics
+
+
 def cdr_reliability(rows: list[dict[str, Any]], cdr_classes: int, n_bins: int = 10) -> np.ndarray | None:
     """:func:`~jointray.metrics.calibration.reliability_bins` of the CDR stage probabilities over the rows
     with a true CDR; None where the rows carry no ``prob_cdr/`` columns."""
@@ -102,10 +164,13 @@ def cdr_reliability(rows: list[dict[str, Any]], cdr_classes: int, n_bins: int = 
     return reliability_bins(probs, target, n_bins)
 
 
-def trust_metrics(rows: list[dict[str, Any]], structures: dict[int, str], cdr_classes: int) -> dict[str, float]:
+def trust_metrics(rows: list[dict[str, Any]], structures: dict[int, str], cdr_classes: int,
+                  failure_dice: float = 0.8) -> dict[str, float]:
     """Everything above as one dict (keys as in the functions; ``cdr_ece`` from :func:`cdr_reliability`)."""
-    metrics = uncertainty_and_review(rows, structures) if structures else {}
-    metrics |= mmse_interval_coverage(rows)
+    names = list(structures.values())
+    metrics = uncertainty_and_review(rows, structures) | volume_interval_coverage(rows, names) | quality_and_flag(
+        rows, names, failure_dice) if structures else {}
+    metrics |= mmse_interval_coverage(rows) | cdr_set_coverage(rows)
     bins = cdr_reliability(rows, cdr_classes)
     if bins is not None:
         metrics["cdr_ece"] = bins_calibration_error(bins)

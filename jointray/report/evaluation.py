@@ -46,6 +46,7 @@ from jointray.report import figures as plots
 from jointray.report.comparison import compare
 from jointray.report.document import Cell, Document, Section, number, render
 from jointray.train.tracking import HISTORY_FILE, read_history
+from jointray.trust.risk_control import risk_coverage
 
 #: Worst cases (by mean Dice) named and shown as slices.
 WORST_CASES = 5
@@ -281,6 +282,12 @@ class ReportBuilder:
                                   "(foreground), where the errors are.")
             section.figure(self.save(plots.reliability(voxel, "voxels"), "reliability-voxels",
                                      "Reliability diagram of the voxel probabilities (marker area ∝ voxels in bin)."))
+            compared = {e.name: np.asarray(e.summary["reliability"]["foreground"]) for e in self.evaluations
+                        if "foreground" in e.summary.get("reliability", {})}
+            if len(compared) > 1:  # e.g. a model and its calibrated self (jointray calibrate) on the same cases
+                section.figure(self.save(plots.reliability(compared, "foreground voxels, each evaluation"),
+                                         "reliability-compared", "Reliability of the foreground voxels of each "
+                                         "evaluation: before and after calibration when one is the other calibrated."))
         if cdr is not None:
             section.heading("CDR calibration")
             section.table(["ECE"], [[self.shown("cdr_ece")]])
@@ -298,6 +305,7 @@ class ReportBuilder:
                 self.shown("worst_decile_cases", 0)]],
                 caption="Per case: mean predictive entropy inside the predicted structures against 1 − mean Dice. "
                         "A positive ρ: the more uncertain cases are the worse ones.")
+            self._quality(section, rows, names)
             labelled = [r for r in rows if r.get("has_label")]
             u = np.array([case_uncertainty(r, names) for r in labelled])
             err = 1 - np.array([case_dice(r, names) for r in labelled])
@@ -308,6 +316,40 @@ class ReportBuilder:
                                                                  else flagged[keep], "uncertainty against error"),
                                          "uncertainty-error", "Per-case mean entropy against 1 − mean Dice; "
                                                               "cases the review flag sent to a person in red."))
+
+    def _quality(self, section: Section, rows: list[dict[str, Any]], names: list[str]) -> None:
+        """A calibrated model's interval coverage, predicted Dice and review flag against the truth."""
+        if any(f"volume_interval_coverage/{n}" in self.main.metrics for n in names):
+            section.heading("Volume intervals")
+            section.table(["structure", "coverage", "mean width (mm³)"], [
+                [Cell(n, text_cell=True), self.shown(f"volume_interval_coverage/{n}", 3),
+                 self.shown(f"volume_interval_width/{n}", 0)] for n in names],
+                caption="How often each case's volume interval held the reference volume, against its nominal "
+                        f"{self.main.summary.get('interval', 0.9):.0%}.")
+        scored = [r for r in rows if f"predicted_dice/{names[0]}" in r and math.isfinite(r.get(f"dice/{names[0]}",
+                                                                                                 math.nan))]
+        if not scored:
+            return
+        section.heading("Predicted Dice and the review flag")
+        section.table(["failures", "missed failures (share of cases)", "failure AUROC", "AURC", "optimal AURC",
+                       "predicted Dice MAE", "flagged out of distribution"], [[
+            self.shown("failures", 0), self.shown("missed_failure_rate", 3), self.shown("failure_auroc", 3),
+            self.shown("aurc", 4), self.shown("aurc_optimal", 4), self.shown("predicted_dice_mae", 3),
+            self.shown("ood_fraction", 3)]],
+            caption="A failure: a case whose worst structure's Dice is below the calibration's failure level. The "
+                    "review flag bounds the chance of a failure going unflagged (conformal risk control); AURC "
+                    "is the area under the risk–coverage curve, lower is better.")
+        predicted = np.array([min(r[f"predicted_dice/{n}"] for n in names) for r in scored])
+        true = np.array([min(r[f"dice/{n}"] for n in names) for r in scored])
+        section.figure(self.save(plots.predicted_against_true(true, predicted, None, None, "worst-structure Dice"),
+                                 "predicted-dice", f"Predicted against true worst-structure Dice ({len(scored)} "
+                                                   "cases)."))
+        curve, best = risk_coverage(predicted, true), risk_coverage(true, true)
+        section.figure(self.save(plots.risk_coverage({"predicted Dice": (curve["coverage"], curve["risk"]),
+                                                      "oracle": (best["coverage"], best["risk"])},
+                                                     "risk–coverage"), "risk-coverage",
+                                 "Risk–coverage: keeping the cases with the highest predicted Dice first, the mean "
+                                 "error of those kept; the oracle keeps them by their true Dice."))
 
     def training(self) -> None:
         histories = self.main.histories()

@@ -159,6 +159,19 @@ def reliability(bins: dict[str, np.ndarray], title: str) -> Figure:
     return figure
 
 
+def risk_coverage(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> Figure:
+    """Risk–coverage curves: the mean error of the cases kept against the share kept, one per entry of
+    ``curves`` (name → (coverage, risk))."""
+    figure, (ax,) = new_figure()
+    for (name, (coverage, risk)), colour in zip(curves.items(), STRUCTURE_COLOURS):
+        ax.plot(coverage, risk, color=colour, linewidth=1.5, label=name)
+    ax.set(xlabel="share of cases kept (most confident first)", ylabel="mean 1 − Dice of the kept cases",
+           title=title, xlim=(0, 1.02))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return figure
+
+
 def uncertainty_error(uncertainty: np.ndarray, error: np.ndarray, flagged: np.ndarray | None, title: str) -> Figure:
     """Per-case mean entropy against 1 − Dice; cases the review flag sent to a person in red."""
     figure, (ax,) = new_figure()

@@ -67,12 +67,20 @@ def patient_document(body: dict[str, Any], image: np.ndarray, affine: np.ndarray
     ]
     review = Section("review", "Review")
     doc.sections.append(review)
+    trust = body.get("trust", {})
     if body["needs_review"]:
         review.warning("Needs review by a person: " + "; ".join(body["review"]["reasons"]) + ".")
+    elif trust.get("calibrated"):
+        review.note("No review flag: the input is like the calibration cases, every structure was found and the "
+                    f"predicted worst-structure Dice is at least {body['review']['predicted_dice_threshold']:.3f}.")
     else:
         review.note(f"No review flag: every structure was found, with mean entropy under "
                     f"{body['review']['entropy_threshold']:g} nats and a volume SD under "
                     f"{body['review']['volume_cv_threshold']:.0%} of its mean.")
+    # What the figures promise, in the words the calibration states it (or that they promise nothing).
+    for key in ("statement", "review_statement", "ood_statement", "note"):
+        if trust.get(key):
+            review.note(trust[key])
     if mask is not None:
         _segmentation(doc, body, image, affine, mask, entropy, classes, level)
     if body["outcomes"]:
@@ -105,13 +113,24 @@ def _segmentation(doc: Document, body: dict[str, Any], image: np.ndarray, affine
                                                heat=plots.to_ras(entropy, affine), heat_max=math.log(classes)),
                                   None, f"Predictive entropy per voxel, 0 to ln {classes} nats: bright where the model "
                                         "is unsure, typically at the structures' borders."))
-    section.table(["structure", "volume (mm³)", "Monte Carlo mean ± SD", f"{level} interval", "mean entropy (nats)",
-                   "mutual information"], [
+    section.table(["structure", "volume (mm³)", "Monte Carlo mean ± SD", f"{level} interval", "predicted Dice",
+                   "mean entropy (nats)", "mutual information"], [
         [Cell(s, text_cell=True), Cell(number(v["volume_mm3"]["mask"], 0)),
          Cell(f"{number(v['volume_mm3']['mean'], 0)} ± {number(v['volume_mm3']['std'], 0)}"),
-         Cell(f"{number(v['volume_mm3']['interval'][0], 0)} – {number(v['volume_mm3']['interval'][1], 0)}"),
+         Cell(_interval(v["volume_mm3"], 0)), Cell(number(v.get("predicted_dice"), 3)),
          Cell(number(v["uncertainty"]["entropy"], 3)), Cell(number(v["uncertainty"]["mutual_information"], 3))]
         for s, v in body["structures"].items()])
+
+
+#: How each interval method reads in a report.
+INTERVAL_WORDS = {"conformal_normalised": "conformal", "conformal": "conformal, one width",
+                  "monte_carlo": "Monte Carlo, no guarantee"}
+
+
+def _interval(estimate: dict[str, Any], digits: int) -> str:
+    low, high = estimate["interval"]
+    bounds = f"{number(low, digits) if low is not None else '−∞'} – {number(high, digits) if high is not None else '∞'}"
+    return f"{bounds} ({INTERVAL_WORDS.get(estimate.get('interval_method'), 'Monte Carlo, no guarantee')})"
 
 
 def _outcomes(doc: Document, outcomes: dict[str, Any], level: str) -> None:
@@ -120,13 +139,14 @@ def _outcomes(doc: Document, outcomes: dict[str, Any], level: str) -> None:
     rows = []
     if "mmse" in outcomes:
         m = outcomes["mmse"]
-        rows.append([Cell("MMSE (0–30)", text_cell=True), Cell(number(m["point"], 1)),
-                     Cell(f"{number(m['interval'][0], 1)} – {number(m['interval'][1], 1)}"),
+        rows.append([Cell("MMSE (0–30)", text_cell=True), Cell(number(m["point"], 1)), Cell(_interval(m, 1)),
                      Cell(mmse_meaning(m["point"]), text_cell=True)])
     if "cdr" in outcomes:
         c = outcomes["cdr"]
         stage = f"{c['stage']:g}"
         spread = ", ".join(f"{s}: {p:.0%}" for s, p in c["probabilities"].items())
+        if c.get("set"):
+            spread = f"conformal set {{{', '.join(c['set'])}}}; {spread}"
         rows.append([Cell("CDR stage", text_cell=True), Cell(stage), Cell(spread),
                      Cell(CDR_MEANING.get(stage, stage), text_cell=True)])
     if "risk" in outcomes:
@@ -135,9 +155,16 @@ def _outcomes(doc: Document, outcomes: dict[str, Any], level: str) -> None:
                      Cell(f"{number(r['interval'][0], 2)} – {number(r['interval'][1], 2)}"),
                      Cell("a relative score (Cox log hazard): higher means an earlier expected event than for a "
                           "lower score; not a probability", text_cell=True)])
+    if "risk_by_horizon" in outcomes:
+        h = outcomes["risk_by_horizon"]
+        rows.append([Cell(f"event by {h['horizon']:.3g} (time units of training)", text_cell=True),
+                     Cell(f"{h['probability']:.0%}"), Cell("—"),
+                     Cell("an absolute probability: the Cox score's baseline hazard (Breslow) fitted on the "
+                          "calibration cases", text_cell=True)])
     section.table(["outcome", "prediction", f"{level} interval / stage probabilities", "what it means"], rows)
-    section.note("Intervals are Monte Carlo dropout intervals: the model's own uncertainty, not a clinical "
-                 "confidence interval.")
+    section.note("A conformal interval or set holds the truth for the stated share of cases like the calibration "
+                 "cases (the Review section says how many); a Monte Carlo interval is the model's own spread and "
+                 "promises no coverage. Neither is a clinical confidence interval for this patient.")
 
 
 def _explanations(doc: Document, explanation: Explanation, image: np.ndarray, affine: np.ndarray,

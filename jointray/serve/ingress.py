@@ -247,6 +247,8 @@ class Ingress:
     async def model_info(self, request: Request):
         async def handle():
             p = self.predictor
+            samples, mode = p.check_mc(None, None)
+            calibration = p.calibration
             return JSONResponse({
                 "name": p.config.train.name, "variant": p.config.model.variant, "version": p.version,
                 "trained_heads": p.trained_heads, "structures": list(p.structures.values()),
@@ -255,8 +257,13 @@ class Ingress:
                 "clinical": {"numeric": [f.name for f in p.schema.numeric],
                              "categorical": {f.name: f.categories for f in p.schema.categorical}},
                 "runtime": p.runtimes,
-                "mc": {"samples": p.inference.mc_samples, "mode": p.check_mc(None, None)[1],
+                "mc": {"samples": samples, "mode": mode,
                        "max_samples": p.inference.max_mc_samples, "modes": list(p.mc_modes)},
+                "calibration": None if calibration is None else {
+                    "cases": calibration.cases, "settings": calibration.settings.model_dump(),
+                    "voxel_scaling": calibration.scaling_method, "statement": calibration.coverage_sentence(
+                        p.inference.interval), "review_statement": calibration.review_sentence(),
+                    "ood_statement": calibration.ood_sentence()},
                 "max_upload_bytes": self.max_bytes, "api_key_required": self.api_key is not None,
                 "config": p.config.model_dump(mode="json", include={"model", "preprocess", "inference", "data"}),
             })

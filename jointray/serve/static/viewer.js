@@ -63,9 +63,17 @@ function fmt(value, digits) {
   return isNumber(value) ? value.toFixed(digits) : "—";
 }
 
-function fmtInterval(interval, digits) {
+const INTERVAL_METHODS = {
+  conformal_normalised: "conformal",
+  conformal: "conformal, one width",
+  monte_carlo: "Monte Carlo, no guarantee",
+};
+
+function fmtInterval(interval, digits, method) {
   if (!Array.isArray(interval) || interval.length !== 2) return "—";
-  return `${fmt(interval[0], digits)} – ${fmt(interval[1], digits)}`;
+  const low = interval[0] === null ? "−∞" : fmt(interval[0], digits);
+  const high = interval[1] === null ? "∞" : fmt(interval[1], digits);
+  return method ? `${low} – ${high} (${INTERVAL_METHODS[method] || method})` : `${low} – ${high}`;
 }
 
 function fmtMeanStd(estimate, digits) {
@@ -320,6 +328,7 @@ function renderReview(result) {
   const info = result.review || {};
   const reasons = Array.isArray(info.reasons) ? info.reasons : [];
   const limits = [];
+  if (isNumber(info.predicted_dice_threshold)) limits.push(`flagged below a predicted Dice of ${info.predicted_dice_threshold.toFixed(3)}`);
   if (isNumber(info.volume_cv_threshold)) limits.push(`volume SD threshold ${Math.round(info.volume_cv_threshold * 100)} % of the mean`);
   if (isNumber(info.entropy_threshold)) limits.push(`entropy threshold ${info.entropy_threshold} nats`);
   const threshold = limits.length ? ` (${limits.join(", ")})` : "";
@@ -346,11 +355,17 @@ function renderNumbers(result) {
   if (outcomes.mmse) sections.push(estimateSection("MMSE", outcomes.mmse, result.mc, 1));
   if (outcomes.cdr) sections.push(cdrSection(outcomes.cdr));
   if (outcomes.risk) sections.push(estimateSection("Risk", outcomes.risk, result.mc, 3));
+  const horizon = outcomes.risk_by_horizon;
+  if (horizon && isNumber(horizon.probability)) {
+    sections.push(el("section", { id: "outcome-risk-horizon" }, el("h3", { text: "Event probability" }),
+      el("p", { text: `${(horizon.probability * 100).toFixed(0)} % by time ${fmt(horizon.horizon, 2)} (Breslow baseline fitted on the calibration cases)` })));
+  }
   const missing = OUTCOME_HEADS.filter((head) => !outcomes[head]);
   if (missing.length) {
     sections.push(el("section", {}, el("h3", { text: "Outcomes" }),
       el("p", { class: "na", text: `Not available (head not trained): ${missing.map((h) => h.toUpperCase()).join(", ")}` })));
   }
+  if (result.trust) sections.push(trustSection(result.trust));
   sections.push(inferenceSection(result));
   if (result.timings_s) sections.push(timingsSection(result.timings_s));
   byId("results").replaceChildren(...sections);
@@ -364,12 +379,13 @@ function structuresSection(structures, mc) {
       el("th", { scope: "row", text: humanize(name) }),
       el("td", { text: fmt(volume.mask, 1) }),
       el("td", { text: fmtMeanStd(volume, 1) }),
-      el("td", { text: fmtInterval(volume.interval, 1) }),
+      el("td", { text: fmtInterval(volume.interval, 1, volume.interval_method) }),
+      el("td", { text: fmt(info.predicted_dice, 3) }),
       el("td", { text: fmt(uncertainty.entropy, 3) }),
       el("td", { text: fmt(uncertainty.mutual_information, 4) }));
   });
   const head = el("tr", {}, ["Structure", "Volume (mm³)", "MC mean ± SD (mm³)", `${intervalLabel(mc)} (mm³)`,
-    "Mean entropy (nats)", "Mean MI (nats)"].map((text) => el("th", { scope: "col", text })));
+    "Predicted Dice", "Mean entropy (nats)", "Mean MI (nats)"].map((text) => el("th", { scope: "col", text })));
   return el("section", { class: "wide" }, el("h3", { text: "Structures" }),
     el("div", { class: "table-scroll" }, el("table", { id: "structures-table" }, el("thead", {}, head), el("tbody", {}, rows))));
 }
@@ -379,7 +395,7 @@ function estimateSection(title, estimate, mc, digits) {
   return el("section", { id }, el("h3", { text: title }),
     el("dl", { class: "kv" },
       el("dt", { text: "Mean ± SD" }), el("dd", {}, el("span", { class: "big", text: fmtMeanStd(estimate, digits) })),
-      el("dt", { text: intervalLabel(mc) }), el("dd", { text: fmtInterval(estimate.interval, digits) }),
+      el("dt", { text: intervalLabel(mc) }), el("dd", { text: fmtInterval(estimate.interval, digits, estimate.interval_method) }),
       el("dt", { text: "Deterministic" }), el("dd", { text: fmt(estimate.point, digits) })));
 }
 
@@ -393,9 +409,16 @@ function cdrSection(cdr) {
       el("span", { class: "bar-track", role: "presentation" }, el("span", { class: "bar-fill", style: { width: `${width.toFixed(1)}%` } })),
       el("span", { class: "bar-value", text: isNumber(p) ? `${(p * 100).toFixed(1)} %` : "—" }));
   });
+  const set = Array.isArray(cdr.set) ? [el("dt", { text: "Conformal set" }), el("dd", { text: `{${cdr.set.join(", ")}}` })] : [];
   return el("section", { id: "outcome-cdr" }, el("h3", { text: "CDR" }),
-    el("dl", { class: "kv" }, el("dt", { text: "Stage" }), el("dd", {}, el("span", { class: "big", text: isNumber(cdr.stage) ? String(cdr.stage) : "—" }))),
+    el("dl", { class: "kv" }, el("dt", { text: "Stage" }), el("dd", {}, el("span", { class: "big", text: isNumber(cdr.stage) ? String(cdr.stage) : "—" })), ...set),
     el("ul", { class: "bars", "aria-label": "CDR class probabilities (MC mean)" }, bars));
+}
+
+function trustSection(trust) {
+  const lines = ["statement", "review_statement", "ood_statement", "note"].filter((k) => trust[k]).map((k) => el("p", { text: trust[k] }));
+  if (isNumber(trust.ood_p_value)) lines.push(el("p", { text: `Out-of-distribution p-value of this input: ${trust.ood_p_value.toFixed(3)}.` }));
+  return el("section", { id: "trust", class: "wide" }, el("h3", { text: trust.calibrated ? "What these figures promise" : "Not calibrated" }), ...lines);
 }
 
 function inferenceSection(result) {
