@@ -26,6 +26,10 @@ Protocol:
    Hounsfield range, an empty field of view with scanner noise), predicted without labels: the share of
    each flagged, against the false-flag share of the real test cases.
 
+``--sources`` instead compares the sources of uncertainty (one pass; mirroring; mirroring with 20 Monte
+Carlo samples of the decoder; of the whole network), each calibrated on the calibration cases and scored on
+the test cases before and after: foreground ECE, near-structure Brier and NLL, failure AUROC, AURC, time.
+
 Prints the tables and writes JSON.
 
     python benchmarks/accuracy_msd.py --test-fraction 0.45 --minutes 15 --split-dir runs/trust_msd_split \\
@@ -86,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mc-samples", type=int, default=20)
     parser.add_argument("--mc-mode", default="decoder")
     parser.add_argument("--partitions", type=int, default=20)
+    parser.add_argument("--sources", action="store_true", help="compare the sources of uncertainty instead "
+                        "(one pass, mirroring, MC decoder, MC full; each calibrated): trust_sources.json")
     parser.add_argument("--work", default="runs/trust_bench", help="calibrated model and evaluations")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "trust.json"))
     return parser.parse_args(argv)
@@ -212,6 +218,43 @@ def table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
     return out
 
 
+#: The sources of uncertainty compared by ``--sources``: (name, mirroring, Monte Carlo samples, mode).
+SOURCES = (("one pass", False, 1, "decoder"), ("mirroring", True, 1, "decoder"),
+           ("mirroring + MC decoder", True, 20, "decoder"), ("mirroring + MC full", True, 20, "full"))
+
+
+def compare_sources(checkpoint: str, cal_folder: Path, test_folder: Path, work: Path, console: Console) -> dict:
+    """Each source of uncertainty calibrated on the calibration cases and scored on the test cases, before and
+    after calibration: voxel ECE and near-structure Brier and NLL, the review flag's figures, seconds per case."""
+    results = {}
+    for name, mirror, samples, mode in SOURCES:
+        calibration, folder = calibrate(checkpoint, cal_folder, work / f"source_{samples}_{mode}_{mirror}",
+                                        tta=mirror, mc_samples=samples, mc_mode=mode)
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            plain = evaluate(checkpoint, test_folder, Path(tmp) / "plain", tta=mirror, mc_samples=samples,
+                             mc_mode=mode, collect_voxels=20_000)
+            seconds = (time.perf_counter() - started) / plain.predicted
+            honest = evaluate(folder, test_folder, Path(tmp) / "calibrated", collect_voxels=20_000)
+        before, after = voxel_figures(plain), voxel_figures(honest)
+        results[name] = {"seconds_per_case": seconds, "scaling": calibration.scaling_method,
+                         "before": {"voxel_ece_foreground": plain.metrics["voxel_ece/foreground"], **before},
+                         "after": {"voxel_ece_foreground": honest.metrics["voxel_ece/foreground"], **after,
+                                   **{k: honest.metrics.get(k, math.nan) for k in (
+                                       "dice", "failure_auroc", "aurc", "missed_failure_rate",
+                                       "volume_interval_coverage/anterior", "volume_interval_coverage/posterior",
+                                       "volume_interval_width/anterior", "volume_interval_width/posterior")}}}
+    console.print(table("Sources of uncertainty on the 44 test cases (before → after calibration)",
+                        ["source", "s/case", "fg ECE", "near Brier", "near NLL", "AUROC", "AURC", "Dice"],
+                        [[n, f"{r['seconds_per_case']:.2f}",
+                          f"{r['before']['voxel_ece_foreground']:.3f} → {r['after']['voxel_ece_foreground']:.3f}",
+                          f"{r['before']['near_structure_brier']:.4f} → {r['after']['near_structure_brier']:.4f}",
+                          f"{r['before']['near_structure_nll']:.4f} → {r['after']['near_structure_nll']:.4f}",
+                          f"{r['after']['failure_auroc']:.3f}", f"{r['after']['aurc']:.4f}",
+                          f"{r['after']['dice']:.4f}"] for n, r in results.items()]))
+    return results
+
+
 def main() -> None:
     args = parse_args()
     console = Console(width=180)
@@ -219,6 +262,12 @@ def main() -> None:
     init_ray(RayConfig())
     cal_folder, test_folder, cal_ids, test_ids = splits(Path(args.root), args.checkpoint, work)
     console.print(f"calibration cases: {len(cal_ids)}; test cases: {len(test_ids)}")
+    if args.sources:
+        sources = compare_sources(args.checkpoint, cal_folder, test_folder, work, console)
+        out = Path(args.out).with_name("trust_sources.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(sources, indent=2, default=float) + "\n")
+        return
     started = time.perf_counter()
     calibration, calibrated = calibrate(args.checkpoint, cal_folder, work / "calibrated", mc_samples=args.mc_samples,
                                         mc_mode=args.mc_mode)

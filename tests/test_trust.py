@@ -299,7 +299,7 @@ def test_fit_calibration_from_rows_round_trips_through_json():
         row |= {feature_key(f): rng.normal() for f in OOD_FEATURES}
         rows.append(row)
     settings = InferenceSettings(mirror=True, mc_samples=10, mc_mode="decoder")
-    calibration = fit_calibration(rows, ["a", "b"], settings, failure_dice=0.8, review_alpha=0.1)
+    calibration = fit_calibration(rows, ["a", "b"], settings, failure_dice=0.8, review_alpha=0.1, ood_alpha=0.05)
     assert calibration.volume["a"].normalised and calibration.mmse is not None and calibration.cdr is None
     assert calibration.quality is not None and calibration.ood is not None
     assert math.isfinite(calibration.review_threshold) or calibration.review_threshold == math.inf
@@ -307,3 +307,6 @@ def test_fit_calibration_from_rows_round_trips_through_json():
     assert again == calibration
     assert again.settings_match(True, 10, "decoder") and not again.settings_match(True, 1, "decoder")
     assert "at least 90%" in again.coverage_sentence() and "40 calibration cases" in again.coverage_sentence()
+    # 40 cases cannot reach a p-value of 0.02 (1/41 is the smallest): refused, not a flag that never fires.
+    with pytest.raises(ValueError, match="ood_alpha=0.02 needs at least 49 calibration cases"):
+        fit_calibration(rows, ["a", "b"], settings, ood_alpha=0.02)

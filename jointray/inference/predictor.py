@@ -59,6 +59,10 @@ from jointray.trust.ood import feature_key as ood_key
 INTERVAL_METHODS = ("conformal_normalised", "conformal", "monte_carlo")
 
 
+#: The values a number can take: an interval is clipped to them.
+VALUE_RANGE = {"mmse": (0.0, 30.0), "risk": (-math.inf, math.inf)}
+
+
 @dataclass
 class Estimate:
     """A number with its spread: the Monte Carlo samples' mean and SD and an interval; ``point`` is the
@@ -74,20 +78,21 @@ class Estimate:
 
     @classmethod
     def of(cls, point: float, samples: np.ndarray, level: float, conformal: ConformalInterval | None = None,
-           normalise: bool = False, low: float = -math.inf) -> Estimate:
+           normalise: bool = False, bounds: tuple[float, float] = (-math.inf, math.inf)) -> Estimate:
         """From the point value and the samples; with ``conformal`` its interval (σ-normalised with
-        ``normalise``: the samples came as the calibration's did), bounded below by ``low``."""
+        ``normalise``: the samples came as the calibration's did), clipped to the value's range ``bounds``."""
         samples = np.asarray(samples, dtype=np.float64)
         std = float(samples.std())
         if conformal is None:
             tail = (1.0 - level) / 2.0
-            bounds, method = np.quantile(samples, [tail, 1.0 - tail]), "monte_carlo"
+            interval, method = np.quantile(samples, [tail, 1.0 - tail]), "monte_carlo"
         else:
             normalise = normalise and conformal.normalised
-            bounds = conformal.interval([point], [std] if normalise else None, level, low=low)[0]
+            interval = conformal.interval([point], [std] if normalise else None, level, low=bounds[0],
+                                          high=bounds[1])[0]
             method = "conformal_normalised" if normalise else "conformal"
         return cls(point=float(point), mean=float(samples.mean()), std=std,
-                   interval=(float(bounds[0]), float(bounds[1])), method=method)
+                   interval=(float(interval[0]), float(interval[1])), method=method)
 
 
 @dataclass
@@ -338,13 +343,13 @@ class Predictor:
                                     path=result.path, mc_samples=samples, mc_mode=mode)
         point, drawn = result.outcome_point, result.outcome_samples
         calibration = self.calibration
-        matched = calibration is not None and calibration.settings_match(bool(self.settings.mirrors), samples, mode)
+        matched = calibration is not None and calibration.settings_match(self.inference.mirror, samples, mode)
         for name in ("mmse", "risk"):
             if name in point and name in self.trained_heads:
                 prediction.outcomes[f"pred_{name}"] = point[name]
                 conformal = calibration.mmse if calibration is not None and name == "mmse" else None
                 prediction.outcome_estimates[name] = Estimate.of(point[name], drawn[name], level, conformal,
-                                                                 normalise=matched and samples > 1)
+                                                                 matched and samples > 1, VALUE_RANGE.get(name))
         if "risk" in prediction.outcomes and calibration is not None and calibration.risk is not None:
             absolute = calibration.risk
             probability = float(absolute.probability(prediction.outcomes["pred_risk"]))
@@ -389,7 +394,7 @@ class Predictor:
             prediction.volumes_mm3[name] = float(counts[k]) * voxel_mm3
             conformal = calibration.volume.get(name) if calibration is not None else None
             estimate = Estimate.of(prediction.volumes_mm3[name], result.sample_volumes[:, k - 1], level, conformal,
-                                   normalise, low=0.0)
+                                   normalise, (0.0, math.inf))
             prediction.volume_estimates[name] = estimate
             structure = winner == k
             found = bool(structure.any())

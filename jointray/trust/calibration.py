@@ -125,6 +125,13 @@ def fit_calibration(rows: list[dict[str, Any]], structures: list[str], settings:
         cdr_stages: the CDR stages (``prob_cdr/<stage>`` keys, in order) of a model with a CDR head.
         risk_horizon: the horizon of the absolute risk (default: the median time to event of the cases).
     """
+    # A conformal test on n cases has p-values no smaller than 1/(n + 1), and risk control pays 1/(n + 1) up
+    # front: below that a flag could never fire (OOD) or would fire on every case (review).
+    for name, alpha in (("ood_alpha", ood_alpha), ("review_alpha", review_alpha)):
+        if alpha < 1 / (len(rows) + 1):
+            raise ValueError(f"{name}={alpha:g} needs at least {math.ceil(1 / alpha) - 1} calibration cases "
+                             f"(got {len(rows)}): the smallest conformal p-value of {len(rows)} cases is "
+                             f"1/{len(rows) + 1}; use more cases or a {name} of at least {1 / (len(rows) + 1):.3f}")
     calibration = Calibration(level=level, settings=settings, cases=len(rows), data=data, scaling=scaling,
                               scaling_method=scaling_method, mask_calibrated=mask_calibrated,
                               failure_dice=failure_dice, review_alpha=review_alpha, ood_alpha=ood_alpha,
