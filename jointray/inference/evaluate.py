@@ -62,7 +62,7 @@ class EvaluationReport:
     mc_samples: int = 1
     mc_mode: str = "heads"
     interval: float = 0.9  # central probability of the per-case intervals
-    # region ("all", "foreground") → summed voxel reliability bins (jointray.metrics.calibration)
+    # region ("all", "foreground", "predicted") → summed voxel reliability bins (jointray.metrics.calibration)
     reliability: dict[str, list[list[float]]] = field(default_factory=dict)
     elapsed_s: float = 0.0
     calibrated: bool = False  # the model carried a calibration (jointray calibrate)

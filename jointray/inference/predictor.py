@@ -106,8 +106,12 @@ class CasePrediction:
     ``mmse`` and ``risk`` as :class:`Estimate`, ``cdr`` as stage → mean probability; ``uncertainty``:
     mean entropy and mutual information inside each predicted structure; ``reliability``, on labelled
     cases: :func:`~jointray.metrics.calibration.reliability_bins` of the voxel probabilities against the
-    reference, over ``all`` voxels of the input grid and over the ``foreground`` (voxels that the
-    prediction or the reference calls a structure: the rest is confident background). ``quality_features``
+    reference, over ``all`` voxels of the input grid, over the ``foreground`` (voxels that the
+    prediction or the reference calls a structure: the rest is confident background) and over the
+    ``predicted`` foreground (voxels the prediction calls a structure). The foreground is chosen with the
+    reference's help, so even perfectly calibrated probabilities score an ECE above 0 there (a voxel the
+    model rightly gave 10 % enters only when it is the one in ten that is a structure); the predicted
+    foreground is chosen by the prediction alone and has no such floor. ``quality_features``
     (structure → :data:`jointray.trust.quality.FEATURES`) and ``ood_features``
     (:data:`jointray.trust.ood.FEATURES`) are what a calibration is fitted on and applied to;
     ``predicted_dice`` (structure → Dice) and ``ood_p`` (the conformal p-value of the input being like the
@@ -411,6 +415,7 @@ class Predictor:
                 "disagreement": 1.0 - float(result.sample_dice[k - 1]) if result.sample_dice is not None and found
                 else (0.0 if found else math.nan),
                 "volume_cv": estimate.std / estimate.mean if estimate.mean > 0 else (0.0 if found else math.nan),
+                "log_volume": math.log(prediction.volumes_mm3[name]) if prediction.volumes_mm3[name] > 0 else math.nan,
             }
         worst = min((f["expected_dice"] for f in prediction.quality_features.values()), default=math.nan)
         prediction.ood_features = image_features(case.original[0]) | {
@@ -445,9 +450,11 @@ class Predictor:
                                for k, name in self.structures.items()}
         voxels = torch.from_numpy(np.ascontiguousarray(probabilities.reshape(len(probabilities), -1).T))
         label = torch.from_numpy(case.label.reshape(-1).astype(np.int64))
-        foreground = torch.from_numpy(((probabilities.argmax(0) > 0) | (case.label > 0)).reshape(-1))
+        predicted = torch.from_numpy((probabilities.argmax(0) > 0).reshape(-1))
+        foreground = predicted | torch.from_numpy((case.label > 0).reshape(-1))
         prediction.reliability = {"all": reliability_bins(voxels, label),
-                                  "foreground": reliability_bins(voxels[foreground], label[foreground])}
+                                  "foreground": reliability_bins(voxels[foreground], label[foreground]),
+                                  "predicted": reliability_bins(voxels[predicted], label[predicted])}
         if self.collect_voxels > 0:
             prediction.voxels = calibration_voxels(probabilities, case.label, self.collect_voxels, case.name)
 

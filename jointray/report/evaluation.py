@@ -279,7 +279,10 @@ class ReportBuilder:
             section.table(["voxels", "ECE"], [[Cell(r, text_cell=True), self.shown(f"voxel_ece/{r}")] for r in voxel],
                           caption="Top-label expected calibration error over every voxel of every labelled case "
                                   "(all), and over the voxels the prediction or the reference calls a structure "
-                                  "(foreground), where the errors are.")
+                                  "(foreground), where the errors are, and over those the prediction calls a structure "
+                                  "(predicted). The foreground is chosen with the reference's help, so even "
+                                  "perfectly calibrated probabilities score above 0 there; the predicted region "
+                                  "has no such floor.")
             section.figure(self.save(plots.reliability(voxel, "voxels"), "reliability-voxels",
                                      "Reliability diagram of the voxel probabilities (marker area ∝ voxels in bin)."))
             compared = {e.name: np.asarray(e.summary["reliability"]["foreground"]) for e in self.evaluations

@@ -9,7 +9,9 @@ Per predicted structure, a case carries :data:`FEATURES` (computed by the infere
 * ``entropy``, ``mutual_information``: their means inside the structure (nats);
 * ``disagreement``: 1 − the mean Dice between each Monte Carlo sample's mask and the point mask
   (0 with one pass);
-* ``volume_cv``: the Monte Carlo volume SD over its mean (0 with one pass).
+* ``volume_cv``: the Monte Carlo volume SD over its mean (0 with one pass);
+* ``log_volume``: the log of the predicted volume (mm³): a small structure has more of itself at its
+  border, so the same border error costs it more Dice.
 
 A ridge regression on the standardised features, shared by the structures, maps them to Dice
 (clipped to [0, 1]); it is fitted on held-back cases. A case's quality is its worst structure's
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FEATURES = ("expected_dice", "entropy", "mutual_information", "disagreement", "volume_cv")
+FEATURES = ("expected_dice", "entropy", "mutual_information", "disagreement", "volume_cv", "log_volume")
 #: Ridge penalty on the standardised coefficients: a few dozen cases fit six numbers.
 RIDGE = 1.0
 
