@@ -148,6 +148,7 @@ def test_probabilities_are_mapped_back_before_the_argmax():
     assert by_probability[4].all() and not by_label.any()
 
     predictor = object.__new__(Predictor)  # finish reads only these settings, no network
+    predictor.calibration = None
     predictor.structures, predictor.trained_heads, predictor.inference = {1: "structure"}, [], InferenceConfig()
     predictor.largest_component = []
     case = PreparedCase(name="sheet", image=np.zeros((1, 16, 16, 16), np.float32), geometry=geometry, clinical={},
@@ -170,6 +171,7 @@ def test_finish_keeps_only_the_largest_component_of_the_structures_post_processi
     foreground[11:13, 11:13, 11:13] = 0.9  # a stray blob: 8 voxels
     probabilities = np.stack([1 - foreground, foreground])
     predictor = object.__new__(Predictor)  # finish reads only these settings, no network
+    predictor.calibration = None
     predictor.structures, predictor.trained_heads, predictor.inference = {1: "structure"}, [], InferenceConfig()
     case = PreparedCase(name="blobs", image=image, geometry=geometry, clinical={}, window=(16, 16, 16))
     result = ForwardResult(probabilities=probabilities, entropy=np.zeros((16,) * 3, np.float32),
@@ -191,7 +193,7 @@ def test_review_flag_rules(volume, mean, std, entropy, reasons):
     from jointray.inference.predictor import CasePrediction, Estimate
 
     predictor = object.__new__(Predictor)
-    predictor.inference = InferenceConfig()
+    predictor.inference, predictor.calibration = InferenceConfig(), None  # uncalibrated: the fixed limits
     prediction = CasePrediction(record=None, name="case", mask=None, affine=np.eye(4),
                                 volumes_mm3={"anterior": volume},
                                 volume_estimates={"anterior": Estimate(volume, mean, std, (mean - std, mean + std))},

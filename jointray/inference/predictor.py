@@ -418,9 +418,10 @@ class Predictor:
                 "log_volume": math.log(prediction.volumes_mm3[name]) if prediction.volumes_mm3[name] > 0 else math.nan,
             }
         worst = min((f["expected_dice"] for f in prediction.quality_features.values()), default=math.nan)
-        prediction.ood_features = image_features(case.original[0]) | {
-            "foreground_fraction": float((prediction.mask > 0).mean()),
-            "expected_dice": worst if math.isfinite(worst) else 0.0}
+        if case.original is not None:  # the input as it came: every prepared input keeps it
+            prediction.ood_features = image_features(case.original[0]) | {
+                "foreground_fraction": float((prediction.mask > 0).mean()),
+                "expected_dice": worst if math.isfinite(worst) else 0.0}
         if calibration is not None:
             self._apply_quality(prediction)
         if case.label is not None:
@@ -434,7 +435,7 @@ class Predictor:
                 {quality_features.feature_key(n, f): v for n in names
                  for f, v in prediction.quality_features[n].items()}, names))
             prediction.predicted_dice = {name: float(d) for name, d in zip(names, dice)}
-        if calibration.ood is not None:
+        if calibration.ood is not None and prediction.ood_features:
             prediction.ood_p = calibration.ood.p_value(np.array([prediction.ood_features[f] for f in OOD_FEATURES]))
 
     def _score(self, case: PreparedCase, prediction: CasePrediction, probabilities: np.ndarray,
