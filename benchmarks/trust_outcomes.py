@@ -18,22 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trust import LEVELS, table
+from trust import LEVELS, table  # sets Ray's environment for a quiet local run, as every benchmark does
 
 from jointray.config import load_config
 from jointray.data.prepare import prepare_dataset
