@@ -77,6 +77,19 @@ def test_scaling_lowers_the_calibration_error_on_new_draws_only_when_fitted_on_l
     assert class_calibration_error(wrong.apply(test_p, axis=1), test_y) > 0.05
 
 
+def test_scaling_applies_near_the_predicted_structures_and_leaves_the_far_background():
+    from jointray.trust.scaling import MARGIN
+
+    foreground = np.full((20, 20, 20), 0.001, np.float32)
+    foreground[8:12, 8:12, 8:12] = 0.9
+    probabilities = np.stack([1 - foreground, foreground])
+    calibrated = ProbabilityScaling(scale=(0.5, 0.5), bias=(0.0, 0.0)).apply_near(probabilities)
+    assert calibrated[1, 10, 10, 10] < 0.9 and calibrated[1, 8 - MARGIN, 10, 10] > 0.001  # softened near it
+    assert calibrated[1, 8 - MARGIN - 1, 10, 10] == pytest.approx(0.001)  # one step further: as it was
+    assert calibrated[1, 0, 0, 0] == pytest.approx(0.001)
+    np.testing.assert_allclose(calibrated.sum(0), 1, rtol=1e-6)
+
+
 def test_identity_scaling_changes_nothing():
     p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
     np.testing.assert_allclose(ProbabilityScaling.identity(3).apply(p, axis=1), p, rtol=1e-6)

@@ -4,7 +4,7 @@ The cases must be disjoint from those that trained the model and chose its check
 split; the held-out test cases stay for reporting). Two passes of :func:`~jointray.inference.evaluate.evaluate`:
 
 1. one deterministic pass (with the mirroring asked for) that hands back, per case, the voxels near
-   the structures with their probabilities and reference labels. The voxel scaling
+   the predicted structures (where a scaling applies) with their probabilities and reference labels. The voxel scaling
    (:mod:`jointray.trust.scaling`) is chosen among ``temperature``, ``class_temperature`` and ``vector``
    by the negative log-likelihood of each fitted on half of the cases and scored on the other half (both
    ways round), then refitted on all of them; the mask becomes the calibrated argmax only where that does
@@ -69,8 +69,9 @@ def choose_scaling(cases: list[tuple[np.ndarray, np.ndarray]], seed: int = 0) ->
 
 
 def sample_dice(cases: list[tuple[np.ndarray, np.ndarray]], scaling: ProbabilityScaling | None) -> float:
-    """Mean per-structure Dice of the argmax over the cases' voxel samples (which hold every voxel that the
-    prediction or the reference draws, unless a case had more than its share), with ``scaling`` applied."""
+    """Mean per-structure Dice of the argmax over the cases' voxel samples (every voxel near a predicted
+    structure, unless a case had more than its share: where a scaling can change the argmax), with ``scaling``
+    applied."""
     dice = []
     for probabilities, target in cases:
         p = scaling.apply(probabilities, axis=1) if scaling is not None else probabilities

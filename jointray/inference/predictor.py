@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from jointray.artifacts import CheckpointError, load_models
 from jointray.config import InferenceConfig
@@ -52,6 +51,7 @@ from jointray.trust.conformal import ConformalInterval
 from jointray.trust.ood import FEATURES as OOD_FEATURES
 from jointray.trust.ood import image_features
 from jointray.trust.ood import feature_key as ood_key
+from jointray.trust.scaling import near_structures
 
 
 #: How an interval was made: split-conformal normalised by the Monte Carlo SD, split-conformal with one
@@ -200,18 +200,13 @@ def _entropy(probabilities: np.ndarray) -> np.ndarray:
     return -(p * np.log(np.maximum(p, 1e-12))).sum(0)
 
 
-#: Voxels within this many voxels of a predicted or reference structure are where a calibration is fitted:
-#: the rest is background that every sensible model calls with certainty.
-CALIBRATION_MARGIN = 2
-
-
 def calibration_voxels(probabilities: np.ndarray, label: np.ndarray, limit: int,
                        name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A sample of at most ``limit`` voxels of one labelled case for fitting a voxel calibration: those within
-    :data:`CALIBRATION_MARGIN` voxels of a structure that the prediction (probabilities (K, X, Y, Z)) or the
-    reference (``label``) draws, drawn uniformly (seeded by ``name``). Returns (N, K) float32 and (N,) int64."""
-    near = ndimage.binary_dilation((probabilities.argmax(0) > 0) | (label > 0), iterations=CALIBRATION_MARGIN)
-    index = np.flatnonzero(near)
+    """A sample of at most ``limit`` voxels of one labelled case for fitting a voxel calibration: those near the
+    structures the prediction (probabilities (K, X, Y, Z)) draws (:func:`jointray.trust.scaling.near_structures`:
+    where a calibration applies), drawn uniformly (seeded by ``name``), with the reference ``label`` there.
+    Returns (N, K) float32 and (N,) int64."""
+    index = np.flatnonzero(near_structures(probabilities))
     if len(index) > limit:
         rng = np.random.default_rng(zlib.crc32(name.encode()))
         index = np.sort(rng.choice(index, limit, replace=False))
@@ -382,7 +377,7 @@ class Predictor:
         scaling = calibration.scaling if calibration is not None else None
         # The calibration rescales the probabilities on the prepared grid, before they are mapped back: the
         # map, the entropy and the features below are all the calibrated model's.
-        calibrated = scaling.apply(raw) if scaling is not None else raw
+        calibrated = scaling.apply_near(raw) if scaling is not None else raw
         entropy = _entropy(calibrated) if scaling is not None else result.entropy
         probabilities = restore_to_original(calibrated, geometry, mode="linear")
         mask_source = raw if scaling is not None and not calibration.mask_calibrated else calibrated
