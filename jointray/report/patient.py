@@ -62,7 +62,7 @@ def patient_document(body: dict[str, Any], image: np.ndarray, affine: np.ndarray
         f"input: {name}, {' × '.join(map(str, body['input']['shape']))} voxels of "
         f"{' × '.join(f'{s:.3g}' for s in body['input']['spacing_mm'])} mm",
         f"model: {model['name']} ({model['variant']}), version {model['version']}; Monte Carlo samples: "
-        f"{mc['samples']} ({mc['mode']}), intervals: central {level}",
+        f"{mc['samples']} ({mc['mode']}), intervals: {level}",
         f"report written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
     ]
     review = Section("review", "Review")
