@@ -90,3 +90,31 @@ def test_the_answer_says_what_its_figures_promise_and_flags_inputs_unlike_the_ca
     # One deterministic pass has no spread: its intervals are conformal with one width for all.
     single = predictor.finish(case, predictor.forward([case], 1, mode)[0], 1, mode)
     assert single.volume_estimates["anterior"].method == "conformal"
+
+
+def test_a_joint_model_gets_conformal_outcome_intervals_a_cdr_set_and_an_absolute_risk(one_epoch, tmp_path):
+    """The synthetic joint model (conftest's one-epoch fold ensemble, outcome heads trained) calibrated on 24 new
+    subjects: every outcome it reports gets its calibrated form."""
+    from jointray.data.synthetic import generate_cohort
+
+    ensemble, _ = one_epoch
+    cohort = generate_cohort(tmp_path / "calibration", 24, seed=5)
+    calibration, folder = calibrate(ensemble, cohort, tmp_path / "calibrated", mc_samples=2, ood_alpha=0.05)
+    assert calibration.mmse is not None and calibration.mmse.normalised and calibration.cdr is not None
+    assert calibration.risk is not None and calibration.risk.events >= 2
+    predictor = Predictor(folder)
+    case = predictor.prepare(tmp_path / "calibration" / "images" / "sub-0000.nii.gz",
+                             clinical={"age": 70.0, "sex": "F", "education_years": 12.0, "apoe4": 1.0})
+    samples, mode = predictor.check_mc(None, None)
+    prediction = predictor.finish(case, predictor.forward([case], samples, mode)[0], samples, mode)
+    body = answer(predictor, case, prediction, {})
+    outcomes = body["outcomes"]
+    assert outcomes["mmse"]["interval_method"] == "conformal_normalised"
+    low, high = outcomes["mmse"]["interval"]
+    assert 0 <= low <= outcomes["mmse"]["point"] <= high <= 30
+    stages = list(outcomes["cdr"]["probabilities"])
+    chosen = [stages.index(s) for s in outcomes["cdr"]["set"]]
+    assert chosen == list(range(chosen[0], chosen[-1] + 1))  # contiguous stages
+    horizon = outcomes["risk_by_horizon"]
+    assert horizon["horizon"] == calibration.risk.horizon and 0 < horizon["probability"] < 1
+    assert prediction.row()["pred_risk_probability"] == horizon["probability"]

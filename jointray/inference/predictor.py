@@ -349,7 +349,7 @@ class Predictor:
                 conformal = calibration.mmse if calibration is not None and name == "mmse" else None
                 prediction.outcome_estimates[name] = Estimate.of(point[name], drawn[name], level, conformal,
                                                                  matched and samples > 1, VALUE_RANGE.get(name))
-        if "risk" in prediction.outcomes and calibration is not None and calibration.risk is not None:
+        if "pred_risk" in prediction.outcomes and calibration is not None and calibration.risk is not None:
             absolute = calibration.risk
             probability = float(absolute.probability(prediction.outcomes["pred_risk"]))
             prediction.outcomes["pred_risk_probability"] = probability
