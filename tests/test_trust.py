@@ -222,6 +222,18 @@ def test_ordinal_sets_cover_and_are_contiguous():
     assert sizes / total < 4  # informative: not every stage
 
 
+def test_a_cdr_above_the_heads_last_class_counts_as_that_class():
+    from jointray.metrics.trust import cdr_set_coverage
+
+    rows = [{"cdr": 3.0, "cdr_set": "1|2"}, {"cdr": 0.0, "cdr_set": "0.5|1"}, {"cdr": 2.0, "cdr_set": "2"}]
+    assert cdr_set_coverage(rows, 4) == {"cdr_set_coverage": pytest.approx(2 / 3), "cdr_set_size": pytest.approx(5 / 3)}
+    settings = InferenceSettings(mirror=True, mc_samples=1, mc_mode="decoder")
+    fitted = fit_calibration([{"cdr": c, "prob_cdr/0": 0.1, "prob_cdr/0.5": 0.2, "prob_cdr/1": 0.3, "prob_cdr/2": 0.4}
+                              for c in (3.0, 2.0, 0.0)] * 10, [], settings, cdr_stages=["0", "0.5", "1", "2"],
+                             ood_alpha=0.05)
+    assert sorted(set(np.round(fitted.cdr.scores, 6))) == [0.6, 0.9]  # 3 and 2 both class "2" (p 0.4)
+
+
 # -- conformal risk control ---------------------------------------------------------------------------------
 
 def quality_draws(n: int, rng: np.random.Generator, noise: float = 0.1):

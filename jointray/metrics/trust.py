@@ -33,10 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import stats
-
 from sklearn.metrics import roc_auc_score
 
-from jointray.losses.ordinal import cdr_to_class
+from jointray.losses.ordinal import cdr_to_class, class_to_cdr
 from jointray.metrics.calibration import bins_calibration_error, reliability_bins
 from jointray.trust.risk_control import risk_coverage
 
@@ -115,13 +114,15 @@ def volume_interval_coverage(rows: list[dict[str, Any]], names: list[str]) -> di
     return metrics
 
 
-def cdr_set_coverage(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """``cdr_set_coverage`` and ``cdr_set_size`` (mean stages per set) over rows with a set and a true CDR."""
-    known = [r for r in rows if r.get("cdr_set") and math.isfinite(r.get("cdr", math.nan))]
+def cdr_set_coverage(rows: list[dict[str, Any]], cdr_classes: int) -> dict[str, float]:
+    """``cdr_set_coverage`` and ``cdr_set_size`` (mean stages per set) over rows with a set and a true CDR; a
+    true stage above the head's last class counts as that class (CDR 3 as the "2" of four classes)."""
+    known = [r for r in rows if isinstance(r.get("cdr_set"), str) and math.isfinite(r.get("cdr", math.nan))]
     if not known:
         return {}
-    sets = [str(r["cdr_set"]).split("|") for r in known]
-    return {"cdr_set_coverage": float(np.mean([f"{r['cdr']:g}" in s for r, s in zip(known, sets)])),
+    sets = [r["cdr_set"].split("|") for r in known]
+    truth = class_to_cdr(cdr_to_class(torch.tensor([r["cdr"] for r in known]), cdr_classes)).tolist()
+    return {"cdr_set_coverage": float(np.mean([f"{t:g}" in s for t, s in zip(truth, sets)])),
             "cdr_set_size": float(np.mean([len(s) for s in sets]))}
 
 
@@ -170,7 +171,7 @@ def trust_metrics(rows: list[dict[str, Any]], structures: dict[int, str], cdr_cl
     names = list(structures.values())
     metrics = uncertainty_and_review(rows, structures) | volume_interval_coverage(rows, names) | quality_and_flag(
         rows, names, failure_dice) if structures else {}
-    metrics |= mmse_interval_coverage(rows) | cdr_set_coverage(rows)
+    metrics |= mmse_interval_coverage(rows) | cdr_set_coverage(rows, cdr_classes)
     bins = cdr_reliability(rows, cdr_classes)
     if bins is not None:
         metrics["cdr_ece"] = bins_calibration_error(bins)

@@ -25,8 +25,10 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from jointray.losses.ordinal import cdr_to_class
 from jointray.trust import ood as ood_module
 from jointray.trust import quality as quality_module
 from jointray.trust.conformal import ConformalInterval, OrdinalSet
@@ -147,8 +149,8 @@ def fit_calibration(rows: list[dict[str, Any]], structures: list[str], settings:
                                                  _column(rows, "pred_mmse_sd") if sampled else None)
     if cdr_stages and any(math.isfinite(rows_value(r, "cdr")) for r in rows):
         probabilities = np.array([[rows_value(r, f"prob_cdr/{s}") for s in cdr_stages] for r in rows])
-        truth = np.array([cdr_stages.index(f"{rows_value(r, 'cdr'):g}") if math.isfinite(rows_value(r, "cdr"))
-                          else -1 for r in rows])
+        # The head's classes: stages above its last class are merged into it (CDR 3 is class "2" of four).
+        truth = cdr_to_class(torch.tensor(_column(rows, "cdr")), len(cdr_stages)).numpy()
         calibration.cdr = OrdinalSet.fit(probabilities, truth)
     followed = [r for r in rows if "pred_risk" in r and math.isfinite(rows_value(r, "time"))]
     if sum(rows_value(r, "event") > 0 for r in followed) >= 2:
@@ -162,6 +164,6 @@ def fit_calibration(rows: list[dict[str, Any]], structures: list[str], settings:
         worst = quality_module.out_of_fold(features, dice).min(axis=1)
         calibration.review_threshold = risk_control_threshold(worst, dice.min(axis=1) < failure_dice, review_alpha)
     ood_rows = np.array([[rows_value(r, ood_module.feature_key(f)) for f in ood_module.FEATURES] for r in rows])
-    if len(rows) >= 5:
+    if len(rows) >= 5 and np.isfinite(ood_rows).any():  # rows of a model without segmentation have none
         calibration.ood = OutlierTest.fit(ood_rows)
     return calibration
