@@ -85,7 +85,7 @@ def sample_dice(cases: list[tuple[np.ndarray, np.ndarray]], scaling: Probability
 
 def calibrate(checkpoint: str | Path, data: str | Path, out: str | Path, level: float = 0.9,
               failure_dice: float = 0.8, review_alpha: float = 0.05, ood_alpha: float = 0.02,
-              scaling: str = "auto", tta: bool = True, mc_samples: int = 20, mc_mode: str | None = None,
+              scaling: str = "auto", tta: bool = True, mc_samples: int = 1, mc_mode: str | None = None,
               workers: int | None = None, labels: str | Path | None = None) -> tuple[Calibration, Path]:
     """Fit the calibration of ``checkpoint`` (a model or an ensemble) on the labelled cases of ``data`` and write
     the calibrated model to ``out`` (see the module docstring); needs a Ray instance. ``scaling``: ``auto`` (by
