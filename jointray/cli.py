@@ -436,6 +436,12 @@ def serve(
         ray_serve.shutdown()
 
 
+def _bounds(interval: list[float | None], digits: int) -> str:
+    """An answer's interval; a bound is null (infinite) where too few calibration cases back the level."""
+    low, high = (("−∞", "∞")[i] if v is None else f"{v:.{digits}f}" for i, v in enumerate(interval))
+    return f"{low}–{high}"
+
+
 def _print_predictions(answers: list[tuple[str, dict]]) -> None:
     table = Table(title="jointray predict")
     for column in ("input", "path", "structure volumes mm³ (mean ± sd, interval)", "outcomes", "review"):
@@ -446,16 +452,19 @@ def _print_predictions(answers: list[tuple[str, dict]]) -> None:
             continue
         level = f"{body['mc']['interval']:.0%}"
         volumes = "\n".join(f"{s}: {v['volume_mm3']['mask']:.0f} ({v['volume_mm3']['mean']:.0f} ± "
-                             f"{v['volume_mm3']['std']:.0f}, {level} {v['volume_mm3']['interval'][0]:.0f}–"
-                             f"{v['volume_mm3']['interval'][1]:.0f})" for s, v in body["structures"].items())
+                             f"{v['volume_mm3']['std']:.0f}, {level} {_bounds(v['volume_mm3']['interval'], 0)})"
+                             for s, v in body["structures"].items())
         outcomes = []
         for key, value in body["outcomes"].items():
             if key == "cdr":
+                chosen = f"; set {{{', '.join(value['set'])}}}" if value.get("set") else ""
                 outcomes.append(f"CDR {value['stage']:g} (" + ", ".join(
-                    f"{stage}: {p:.2f}" for stage, p in value["probabilities"].items()) + ")")
+                    f"{stage}: {p:.2f}" for stage, p in value["probabilities"].items()) + chosen + ")")
+            elif key == "risk_by_horizon":
+                outcomes.append(f"event by {value['horizon']:.3g}: {value['probability']:.0%}")
             else:
                 outcomes.append(f"{key.upper()} {value['mean']:.2f} ± {value['std']:.2f} ({level} "
-                                f"{value['interval'][0]:.2f}–{value['interval'][1]:.2f})")
+                                f"{_bounds(value['interval'], 2)})")
         review = "[yellow]review[/yellow]: " + "; ".join(body["review"]["reasons"]) if body["needs_review"] else "ok"
         table.add_row(name, body["path"], volumes, "\n".join(outcomes) or "—", review)
     console.print(table)

@@ -218,3 +218,20 @@ def test_evaluate_refuses_zero_workers_and_documents_the_default(no_ray):
     help_text = " ".join(result.output.replace("│", " ").split())  # the option table's borders and wrapping
     assert ("Ray Data actors, at least 1 (default: one per CPU of the Ray cluster); never more than its CPUs or "
             "the cases") in help_text
+
+
+def test_the_predict_table_shows_a_calibrated_answer(capsys):
+    """A calibrated model's answer (jointray.inference.answers) has a CDR set, an event probability by a horizon
+    and, with too few calibration cases for the level, an infinite bound (null in JSON): the table shows them."""
+    from jointray.cli import _print_predictions
+
+    body = {"mc": {"interval": 0.9}, "path": "window", "needs_review": False, "review": {"reasons": []},
+            "structures": {"anterior": {"volume_mm3": {"mask": 1800.0, "mean": 1810.0, "std": 20.0,
+                                                       "interval": [1500.0, None]}}},
+            "outcomes": {"mmse": {"mean": 24.0, "std": 1.0, "interval": [18.5, 29.5]},
+                         "cdr": {"stage": 0.5, "probabilities": {"0": 0.3, "0.5": 0.7}, "set": ["0", "0.5"]},
+                         "risk_by_horizon": {"horizon": 1.92, "probability": 0.31}}}
+    _print_predictions([("case", body)])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("1500–∞", "18.50–29.50", "set {0, 0.5}", "event by 1.92: 31%"):
+        assert shown in text.replace("│ ", "").replace(" │", ""), shown
