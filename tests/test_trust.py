@@ -347,7 +347,8 @@ def test_fit_calibration_from_rows_round_trips_through_json():
     calibration = fit_calibration(rows, ["a", "b"], settings, failure_dice=0.8, review_alpha=0.1, ood_alpha=0.05)
     assert calibration.volume["a"].normalised and calibration.mmse is not None and calibration.cdr is None
     assert calibration.quality is not None and calibration.ood is not None
-    assert math.isfinite(calibration.review_threshold) or calibration.review_threshold == math.inf
+    # About a third of these cases fail (a structure below 0.8), far above α = 0.1: the flag must flag some.
+    assert math.isfinite(calibration.review_threshold)
     again = Calibration.model_validate_json(calibration.model_dump_json())
     assert again == calibration
     assert again.settings_match(True, 10, "decoder") and not again.settings_match(True, 1, "decoder")
