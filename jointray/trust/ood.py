@@ -22,7 +22,6 @@ as a new case's are. The reason names the feature furthest out.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,7 +107,3 @@ def _scores(features: np.ndarray, median: np.ndarray, scale: np.ndarray) -> np.n
     z = np.nan_to_num((features - median) / scale, nan=0.0)
     return np.abs(z).max(axis=1) if len(z) else np.zeros(0)
 
-
-def minimum_alpha(cases: int) -> float:
-    """The smallest α a test on ``cases`` calibration cases can flag anything at: 1 / (n + 1)."""
-    return 1.0 / (cases + 1) if cases >= 0 else math.inf
